@@ -1,0 +1,117 @@
+"""Configuration: ``OPENACCT_*`` environment variables, then a TOML file, then defaults.
+
+Scheduler hooks run with an almost empty environment, so everything can also come from a file:
+``OPENACCT_CONFIG`` names it, else ``/etc/openacct/openacct.toml`` is read when it exists.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path("/etc/openacct/openacct.toml")
+
+
+def config_file() -> Path | None:
+    named = os.environ.get("OPENACCT_CONFIG")
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or (Path.home() / ".local" / "share")
+    return Path(base) / "openacct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPENACCT_", extra="forbid", frozen=True)
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL. Unset: an embedded PostgreSQL is started under data_dir.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker URL (redis:// or amqp://). Unset: an embedded Redis is started.",
+    )
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    timezone: str = Field(
+        default="UTC", description="Zone for dates and times given without an offset."
+    )
+    debug: bool = False
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, url: str | None) -> str | None:
+        if url is None or url == "":
+            return None
+        if not url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+            raise ValueError("must be a PostgreSQL URL (postgresql://user@host:port/dbname)")
+        return url
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, url: str | None) -> str | None:
+        if url is None or url == "":
+            return None
+        if not url.startswith(("redis://", "rediss://", "redis+socket://", "amqp://", "amqps://")):
+            raise ValueError("must be a redis://, redis+socket:// or amqp:// URL")
+        return url
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}") from None
+        return name
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    from pydantic import ValidationError
+
+    from shared.errors import ConfigError
+
+    path = config_file()
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} (from OPENACCT_CONFIG) does not exist")
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

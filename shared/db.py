@@ -1,0 +1,78 @@
+"""Engine and sessions. One session per unit of work, committed at its end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import lru_cache
+
+from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.config import get_settings
+
+_session_factory: sessionmaker[Session] | None = None
+_current: ContextVar[Session | None] = ContextVar("openacct_session", default=None)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """psycopg 3 is the driver, whatever scheme the operator wrote."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@lru_cache(maxsize=1)
+def database_url() -> str:
+    settings = get_settings()
+    if settings.database_url:
+        return settings.database_url
+    from shared.embedded import postgres_url
+
+    return postgres_url(settings.data_dir)
+
+
+@lru_cache(maxsize=1)
+def engine() -> Engine:
+    return create_engine(sqlalchemy_url(database_url()), pool_pre_ping=True)
+
+
+def bind(target: Engine | Connection) -> None:
+    """Point every new session at ``target``. Tests bind a connection inside a transaction
+    they roll back; sessions then commit to savepoints of it."""
+    global _session_factory
+    _session_factory = sessionmaker(
+        bind=target, expire_on_commit=False, join_transaction_mode="create_savepoint"
+    )
+
+
+def new_session() -> Session:
+    if _session_factory is None:
+        bind(engine())
+    assert _session_factory is not None
+    return _session_factory()
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """A session that commits when the block ends and rolls back if it raises.
+
+    While the block runs, the session is also the *current* one that the shortcuts use.
+    """
+    session = new_session()
+    token = _current.set(session)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        _current.reset(token)
+        session.close()
+
+
+def current_session() -> Session | None:
+    return _current.get()

@@ -1,0 +1,713 @@
+"""The ledger: the only code that writes ledger rows.
+
+Every operation here
+- is idempotent by key: the same key with the same request returns the first transaction and
+  writes nothing; the same key with another request raises ``IdempotencyConflict``;
+- locks the accounts it touches (in id order, so two transfers cannot deadlock) before it reads
+  what it checks, so concurrent writers on one account never lose an update or overdraw a check;
+- writes one ``ledger_transactions`` row, its ``ledger_entries`` and the matching running totals
+  in ``account_balances``, all in the caller's database transaction.
+
+Money lives in allocations. A charge draws on the allocations in force at its effective time,
+the one ending first first; what no allocation covers is owed by the account itself
+(``allocation_id`` NULL) and stays owed until it is refunded. Balances:
+``available = allocated - charged + refunded - held``, counting only allocations in force.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from shared.errors import IdempotencyConflict, InsufficientFunds, InvalidInput, NotFound
+from shared.models import (
+    BUCKETS,
+    Account,
+    AccountBalance,
+    Allocation,
+    Job,
+    LedgerEntry,
+    LedgerTransaction,
+    Project,
+    Service,
+    ServiceRate,
+    User,
+)
+from shared.money import money_str, parse_money, round_money
+
+ZERO = Decimal(0)
+# Clocks on cluster nodes drift; an effective time this far ahead is still "now".
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+def _request_hash(kind: str, request: dict[str, Any]) -> str:
+    def plain(value: Any) -> Any:
+        if isinstance(value, Decimal):
+            return money_str(value)
+        if isinstance(value, dt.datetime):
+            return value.astimezone(dt.UTC).isoformat()
+        return value
+
+    canonical = json.dumps(
+        {"kind": kind, **{k: plain(v) for k, v in request.items()}}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(session: Session, key: str, request_hash: str) -> LedgerTransaction | None:
+    """The transaction already written under ``key``, if its request was this one."""
+    txn = session.scalar(select(LedgerTransaction).where(LedgerTransaction.idempotency_key == key))
+    if txn is None:
+        return None
+    if txn.request_hash != request_hash:
+        raise IdempotencyConflict(
+            f"idempotency key {key!r} was already used by {txn.kind} #{txn.id} of "
+            f"{money_str(txn.amount)} with different details; use a new key for a new request"
+        )
+    return txn
+
+
+def _check_key(key: str | None) -> str:
+    if key is None:
+        return f"auto:{uuid.uuid4()}"
+    if not isinstance(key, str) or not key.strip():
+        raise InvalidInput("idempotency key must be a non-empty string")
+    if len(key) > 200:
+        raise InvalidInput(f"idempotency key is {len(key)} characters long; the limit is 200")
+    return key
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _lock_accounts(session: Session, *accounts: Account) -> None:
+    ids = sorted({a.id for a in accounts})
+    session.execute(select(Account.id).where(Account.id.in_(ids)).order_by(Account.id).with_for_update())
+
+
+@dataclass(frozen=True)
+class _Entry:
+    account_id: int
+    allocation_id: int | None
+    bucket: str
+    amount: Decimal
+
+
+def _write(
+    session: Session,
+    *,
+    kind: str,
+    key: str,
+    request_hash: str,
+    amount: Decimal,
+    account: Account,
+    effective_at: dt.datetime,
+    entries: Sequence[_Entry],
+    **columns: Any,
+) -> LedgerTransaction:
+    """Insert the transaction unless its key exists; then its entries and running totals."""
+    inserted = session.execute(
+        insert(LedgerTransaction)
+        .values(
+            kind=kind,
+            idempotency_key=key,
+            request_hash=request_hash,
+            amount=amount,
+            account_id=account.id,
+            effective_at=effective_at,
+            **columns,
+        )
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(LedgerTransaction.id)
+    ).scalar()
+    if inserted is None:  # a concurrent writer with the same key committed first
+        existing = _replay(session, key, request_hash)
+        assert existing is not None
+        return existing
+
+    session.execute(
+        insert(LedgerEntry),
+        [
+            {
+                "transaction_id": inserted,
+                "account_id": e.account_id,
+                "allocation_id": e.allocation_id,
+                "bucket": e.bucket,
+                "amount": e.amount,
+                "effective_at": effective_at,
+            }
+            for e in entries
+        ],
+    )
+    totals: dict[tuple[int, int | None], dict[str, Decimal]] = defaultdict(
+        lambda: dict.fromkeys(BUCKETS, ZERO)
+    )
+    for e in entries:
+        totals[(e.account_id, e.allocation_id)][e.bucket] += e.amount
+    for (account_id, allocation_id), sums in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        stmt = insert(AccountBalance).values(account_id=account_id, allocation_id=allocation_id, **sums)
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["account_id", "allocation_id"],
+                set_={b: getattr(AccountBalance, b) + getattr(stmt.excluded, b) for b in BUCKETS},
+            )
+        )
+    session.flush()
+    return session.get_one(LedgerTransaction, inserted)
+
+
+def _in_force(at: dt.datetime | Any):
+    return and_(
+        Allocation.starts_at <= at, or_(Allocation.ends_at.is_(None), Allocation.ends_at > at)
+    )
+
+
+def _spendable_allocations(
+    session: Session, account: Account, at: dt.datetime
+) -> list[tuple[Allocation, Decimal]]:
+    """Allocations in force at ``at`` with what is left in each, the first to end first."""
+    left = AccountBalance.allocated - AccountBalance.charged + AccountBalance.refunded
+    rows = session.execute(
+        select(Allocation, left)
+        .join(AccountBalance, AccountBalance.allocation_id == Allocation.id)
+        .where(Allocation.account_id == account.id, _in_force(at))
+        .order_by(Allocation.ends_at.asc().nulls_last(), Allocation.id)
+    ).all()
+    return [(alloc, remaining) for alloc, remaining in rows]
+
+
+def _draw(
+    session: Session, account: Account, amount: Decimal, at: dt.datetime
+) -> list[tuple[Allocation | None, Decimal]]:
+    """Split ``amount`` over the account's allocations; the rest falls on the account itself."""
+    slices: list[tuple[Allocation | None, Decimal]] = []
+    rest = amount
+    for allocation, remaining in _spendable_allocations(session, account, at):
+        if rest == 0:
+            break
+        if remaining <= 0:
+            continue
+        take = min(remaining, rest)
+        slices.append((allocation, take))
+        rest -= take
+    if rest > 0:
+        slices.append((None, rest))
+    return slices
+
+
+def _effective(at: dt.datetime | None) -> dt.datetime:
+    if at is None:
+        return now()
+    if at.tzinfo is None:
+        raise InvalidInput(f"effective time {at.isoformat()} has no time zone")
+    if at > now() + CLOCK_SKEW:
+        raise InvalidInput(f"effective time {at.isoformat()} is in the future")
+    return at
+
+
+def deposit(
+    session: Session,
+    account: Account,
+    amount: object,
+    *,
+    starts_at: dt.datetime | None = None,
+    ends_at: dt.datetime | None = None,
+    credit_limit: object = 0,
+    key: str | None = None,
+    description: str = "",
+    actor: str = "",
+) -> LedgerTransaction:
+    """Fund ``account`` with a new allocation of ``amount``, in force from ``starts_at``
+    (default now) until ``ends_at`` (default: no end)."""
+    amount = parse_money(amount)
+    credit_limit = parse_money(credit_limit, "credit limit", allow_zero=True)
+    key = _check_key(key)
+    request = {"account": account.id, "amount": amount, "starts_at": starts_at,
+               "ends_at": ends_at, "credit_limit": credit_limit}
+    digest = _request_hash("deposit", request)
+    if (done := _replay(session, key, digest)) is not None:
+        return done
+    for name, value in (("start", starts_at), ("end", ends_at)):
+        if value is not None and value.tzinfo is None:
+            raise InvalidInput(f"allocation {name} {value.isoformat()} has no time zone")
+    starts_at = starts_at or now()
+    if ends_at is not None and ends_at <= starts_at:
+        raise InvalidInput(
+            f"allocation end {ends_at.isoformat()} is not after its start {starts_at.isoformat()}"
+        )
+    if not account.active:
+        raise InvalidInput(f"account {account.name!r} is not active")
+
+    _lock_accounts(session, account)
+    allocation = Allocation(
+        account_id=account.id, amount=amount, credit_limit=credit_limit,
+        starts_at=starts_at, ends_at=ends_at,
+    )
+    session.add(allocation)
+    session.flush()
+    return _write(
+        session, kind="deposit", key=key, request_hash=digest, amount=amount, account=account,
+        effective_at=starts_at, description=description, actor=actor,
+        details={"allocation_id": allocation.id},
+        entries=[_Entry(account.id, allocation.id, "allocated", amount)],
+    )
+
+
+def rate_at(session: Session, service: Service, at: dt.datetime) -> Decimal:
+    rate = session.scalar(
+        select(ServiceRate.rate)
+        .where(ServiceRate.service_id == service.id, ServiceRate.effective_from <= at)
+        .order_by(ServiceRate.effective_from.desc())
+        .limit(1)
+    )
+    if rate is None:
+        raise NotFound(f"service {service.name!r} has no charge rate in effect at {at.isoformat()}")
+    return rate
+
+
+def charge(
+    session: Session,
+    account: Account,
+    service: Service,
+    quantity: object,
+    *,
+    user: User | None = None,
+    job: Job | None = None,
+    multiplier: object = 1,
+    effective_at: dt.datetime | None = None,
+    key: str | None = None,
+    description: str = "",
+    details: dict[str, Any] | None = None,
+    actor: str = "",
+) -> LedgerTransaction:
+    """Charge ``quantity`` units of ``service`` at the rate in effect at ``effective_at``.
+
+    Use has already happened, so a charge is recorded even when it overdraws the account; it is
+    holds (admission control) that keep jobs from starting without funds.
+    """
+    quantity = parse_money(quantity, "quantity", allow_zero=True)
+    multiplier = parse_money(multiplier, "multiplier", allow_zero=True)
+    key = _check_key(key)
+    request = {"account": account.id, "service": service.id, "quantity": quantity,
+               "multiplier": multiplier, "user": user.id if user else None,
+               "job": job.id if job else None, "effective_at": effective_at}
+    digest = _request_hash("charge", request)
+    if (done := _replay(session, key, digest)) is not None:
+        return done
+    at = _effective(effective_at)
+    rate = rate_at(session, service, at)
+    amount = round_money(quantity * rate * multiplier)
+
+    _lock_accounts(session, account)
+    slices = _draw(session, account, amount, at) if amount > 0 else []
+    return _write(
+        session, kind="charge", key=key, request_hash=digest, amount=amount, account=account,
+        effective_at=at, service_id=service.id, quantity=quantity, rate=rate,
+        user_id=user.id if user else None, job_id=job.id if job else None,
+        description=description, actor=actor,
+        details={"multiplier": money_str(multiplier), **(details or {})},
+        entries=[_Entry(account.id, a.id if a else None, "charged", x) for a, x in slices],
+    )
+
+
+def _referred_sum(session: Session, txn: LedgerTransaction, kind: str) -> Decimal:
+    return session.scalar(
+        select(func.coalesce(func.sum(LedgerTransaction.amount), 0)).where(
+            LedgerTransaction.refers_to_id == txn.id, LedgerTransaction.kind == kind
+        )
+    )
+
+
+def refundable(session: Session, charge_txn: LedgerTransaction) -> Decimal:
+    return charge_txn.amount - _referred_sum(session, charge_txn, "refund")
+
+
+def refund(
+    session: Session,
+    charge_txn: LedgerTransaction,
+    amount: object | None = None,
+    *,
+    key: str | None = None,
+    reason: str = "",
+    actor: str = "",
+) -> LedgerTransaction:
+    """Give back ``amount`` (default: all that is still refundable) of a charge, to the
+    allocations it was drawn from. Refunds of one charge never add up to more than it."""
+    if charge_txn.kind != "charge":
+        raise InvalidInput(f"transaction #{charge_txn.id} is a {charge_txn.kind}, not a charge")
+    wanted = None if amount is None else parse_money(amount, "refund amount")
+    key = _check_key(key)
+    digest = _request_hash("refund", {"charge": charge_txn.id, "amount": wanted})
+    if (done := _replay(session, key, digest)) is not None:
+        return done
+    account = session.get_one(Account, charge_txn.account_id)
+    _lock_accounts(session, account)
+    remaining = refundable(session, charge_txn)
+    amount = remaining if wanted is None else wanted
+    if amount > remaining or remaining == 0:
+        raise InvalidInput(
+            f"refund of {money_str(amount)} refused: charge #{charge_txn.id} of "
+            f"{money_str(charge_txn.amount)} has {money_str(remaining)} left to refund"
+        )
+    # Give back to the slices the charge took last first, so a partial refund restores the
+    # allocation that the charge reached into latest.
+    already = charge_txn.amount - remaining
+    entries: list[_Entry] = []
+    rest = amount
+    for slice_ in reversed(_charge_slices(charge_txn)):
+        take_from_slice = slice_.amount - min(already, slice_.amount)
+        already -= min(already, slice_.amount)
+        take = min(take_from_slice, rest)
+        if take > 0:
+            entries.append(_Entry(account.id, slice_.allocation_id, "refunded", take))
+            rest -= take
+    return _write(
+        session, kind="refund", key=key, request_hash=digest, amount=amount, account=account,
+        effective_at=now(), refers_to_id=charge_txn.id, service_id=charge_txn.service_id,
+        job_id=charge_txn.job_id, user_id=charge_txn.user_id, description=reason, actor=actor,
+        entries=entries,
+    )
+
+
+def _charge_slices(charge_txn: LedgerTransaction) -> list[LedgerEntry]:
+    return [e for e in charge_txn.entries if e.bucket == "charged"]
+
+
+def transfer(
+    session: Session,
+    source: Account,
+    target: Account,
+    amount: object,
+    *,
+    key: str | None = None,
+    description: str = "",
+    actor: str = "",
+) -> LedgerTransaction:
+    """Move available money from ``source`` to ``target``. The money keeps its expiry: each
+    slice taken from a source allocation becomes a target allocation ending when it ends."""
+    amount = parse_money(amount, "transfer amount")
+    if source.id == target.id:
+        raise InvalidInput(f"cannot transfer from account {source.name!r} to itself")
+    if not target.active:
+        raise InvalidInput(f"account {target.name!r} is not active")
+    key = _check_key(key)
+    digest = _request_hash("transfer", {"from": source.id, "to": target.id, "amount": amount})
+    if (done := _replay(session, key, digest)) is not None:
+        return done
+    at = now()
+    _lock_accounts(session, source, target)
+    available = account_balance(session, source, at=at).available
+    if amount > available:
+        raise InsufficientFunds(
+            f"transfer of {money_str(amount)} refused: account {source.name!r} has "
+            f"{money_str(available)} available"
+        )
+    entries: list[_Entry] = []
+    for allocation, take in _draw(session, source, amount, at):
+        assert allocation is not None  # available covers amount, so allocations do too
+        moved = Allocation(account_id=target.id, amount=take, starts_at=at, ends_at=allocation.ends_at)
+        session.add(moved)
+        session.flush()
+        entries.append(_Entry(source.id, allocation.id, "allocated", -take))
+        entries.append(_Entry(target.id, moved.id, "allocated", take))
+    return _write(
+        session, kind="transfer", key=key, request_hash=digest, amount=amount, account=source,
+        counterparty_account_id=target.id, effective_at=at, description=description,
+        actor=actor, entries=entries,
+    )
+
+
+def hold(
+    session: Session,
+    account: Account,
+    amount: object,
+    *,
+    job: Job | None = None,
+    service: Service | None = None,
+    within_credit_limit: bool = True,
+    key: str | None = None,
+    description: str = "",
+    actor: str = "",
+) -> LedgerTransaction:
+    """Set money aside for work about to run. Refused when it would take the account below its
+    credit limit, unless ``within_credit_limit`` is False (a notify-only policy)."""
+    amount = parse_money(amount, "hold amount")
+    key = _check_key(key)
+    request = {"account": account.id, "amount": amount, "job": job.id if job else None,
+               "service": service.id if service else None}
+    digest = _request_hash("hold", request)
+    if (done := _replay(session, key, digest)) is not None:
+        return done
+    _lock_accounts(session, account)
+    if within_credit_limit:
+        balance = account_balance(session, account)
+        if amount > balance.available + balance.credit_limit:
+            raise InsufficientFunds(
+                f"hold of {money_str(amount)} refused: account {account.name!r} has "
+                f"{money_str(balance.available)} available and a credit limit of "
+                f"{money_str(balance.credit_limit)}"
+            )
+    return _write(
+        session, kind="hold", key=key, request_hash=digest, amount=amount, account=account,
+        effective_at=now(), job_id=job.id if job else None,
+        service_id=service.id if service else None, description=description, actor=actor,
+        entries=[_Entry(account.id, None, "held", amount)],
+    )
+
+
+def release(
+    session: Session,
+    hold_txn: LedgerTransaction,
+    amount: object | None = None,
+    *,
+    key: str | None = None,
+    description: str = "",
+    actor: str = "",
+) -> LedgerTransaction:
+    """Free what is left of a hold (or ``amount`` of it)."""
+    if hold_txn.kind != "hold":
+        raise InvalidInput(f"transaction #{hold_txn.id} is a {hold_txn.kind}, not a hold")
+    wanted = None if amount is None else parse_money(amount, "release amount")
+    key = _check_key(key)
+    digest = _request_hash("release", {"hold": hold_txn.id, "amount": wanted})
+    if (done := _replay(session, key, digest)) is not None:
+        return done
+    account = session.get_one(Account, hold_txn.account_id)
+    _lock_accounts(session, account)
+    remaining = hold_txn.amount - _referred_sum(session, hold_txn, "release")
+    amount = remaining if wanted is None else wanted
+    if amount > remaining or remaining == 0:
+        raise InvalidInput(
+            f"release of {money_str(amount)} refused: hold #{hold_txn.id} has "
+            f"{money_str(remaining)} still held"
+        )
+    return _write(
+        session, kind="release", key=key, request_hash=digest, amount=amount, account=account,
+        effective_at=now(), refers_to_id=hold_txn.id, job_id=hold_txn.job_id,
+        description=description, actor=actor,
+        entries=[_Entry(account.id, None, "held", -amount)],
+    )
+
+
+def adjust(
+    session: Session,
+    account: Account,
+    amount: object,
+    *,
+    bucket: str,
+    allocation: Allocation | None = None,
+    refers_to: LedgerTransaction | None = None,
+    key: str | None = None,
+    description: str = "",
+    actor: str = "",
+) -> LedgerTransaction:
+    """A correction: ``amount`` (signed) added to ``bucket`` of the account or one allocation.
+    A re-rated charge is an adjustment of its ``charged`` bucket referring to the charge."""
+    if bucket not in ("allocated", "charged"):
+        raise InvalidInput(f"adjustments apply to 'allocated' or 'charged', not {bucket!r}")
+    delta = parse_money(amount, "adjustment", allow_negative=True)
+    if allocation is not None and allocation.account_id != account.id:
+        raise InvalidInput(f"allocation #{allocation.id} does not belong to {account.name!r}")
+    key = _check_key(key)
+    request = {"account": account.id, "amount": delta, "bucket": bucket,
+               "allocation": allocation.id if allocation else None,
+               "refers_to": refers_to.id if refers_to else None}
+    digest = _request_hash("adjustment", request)
+    if (done := _replay(session, key, digest)) is not None:
+        return done
+    _lock_accounts(session, account)
+    return _write(
+        session, kind="adjustment", key=key, request_hash=digest, amount=abs(delta),
+        account=account, effective_at=now(), refers_to_id=refers_to.id if refers_to else None,
+        description=description, actor=actor, details={"bucket": bucket, "delta": money_str(delta)},
+        entries=[_Entry(account.id, allocation.id if allocation else None, bucket, delta)],
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Balance:
+    name: str
+    allocated: Decimal
+    charged: Decimal
+    refunded: Decimal
+    held: Decimal
+    credit_limit: Decimal
+
+    @property
+    def available(self) -> Decimal:
+        return self.allocated - self.charged + self.refunded - self.held
+
+    def as_dict(self) -> dict[str, str]:
+        fields = ("allocated", "charged", "refunded", "held", "available", "credit_limit")
+        return {"name": self.name, **{f: money_str(getattr(self, f)) for f in fields}}
+
+
+def _balance(session: Session, name: str, account_ids: Iterable[int], at: dt.datetime | None, *, as_of: bool) -> Balance:
+    """Sum the buckets of ``account_ids`` over the allocations in force at ``at``.
+
+    Without ``as_of`` the running totals are read; with it the journal is summed up to ``at``,
+    which is how a statement sees the past.
+    """
+    ids = list(account_ids)
+    at = at or now()
+    if as_of:
+        source = (
+            select(
+                LedgerEntry.allocation_id,
+                *(
+                    func.coalesce(func.sum(LedgerEntry.amount).filter(LedgerEntry.bucket == b), 0).label(b)
+                    for b in BUCKETS
+                ),
+            )
+            .where(LedgerEntry.account_id.in_(ids), LedgerEntry.effective_at <= at)
+            .group_by(LedgerEntry.allocation_id)
+            .subquery()
+        )
+    else:
+        source = (
+            select(AccountBalance.allocation_id, *(getattr(AccountBalance, b).label(b) for b in BUCKETS))
+            .where(AccountBalance.account_id.in_(ids))
+            .subquery()
+        )
+    totals = session.execute(
+        select(*(func.coalesce(func.sum(source.c[b]), 0) for b in BUCKETS))
+        .select_from(source)
+        .outerjoin(Allocation, Allocation.id == source.c.allocation_id)
+        .where(or_(source.c.allocation_id.is_(None), _in_force(at)))
+    ).one()
+    credit_limit = session.scalar(
+        select(func.coalesce(func.sum(Allocation.credit_limit), 0)).where(
+            Allocation.account_id.in_(ids), _in_force(at)
+        )
+    )
+    return Balance(name, *totals, credit_limit=credit_limit)
+
+
+def account_balance(session: Session, account: Account, at: dt.datetime | None = None, *, as_of: bool = False) -> Balance:
+    return _balance(session, account.name, [account.id], at, as_of=as_of)
+
+
+def project_balance(session: Session, project: Project, at: dt.datetime | None = None, *, as_of: bool = False) -> Balance:
+    ids = session.scalars(select(Account.id).where(Account.project_id == project.id)).all()
+    return _balance(session, project.name, ids, at, as_of=as_of)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    what: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.detail}"
+
+
+def verify(session: Session) -> list[Mismatch]:
+    """Recompute everything derived from the journal and report every disagreement:
+    running totals against the entries, each transaction against its entries, refunds against
+    their charges and releases against their holds."""
+    problems: list[Mismatch] = []
+    journal = (
+        select(
+            LedgerEntry.account_id,
+            LedgerEntry.allocation_id,
+            *(func.coalesce(func.sum(LedgerEntry.amount).filter(LedgerEntry.bucket == b), 0).label(b) for b in BUCKETS),
+        )
+        .group_by(LedgerEntry.account_id, LedgerEntry.allocation_id)
+        .subquery()
+    )
+    b = AccountBalance
+    differs = or_(*(func.coalesce(journal.c[k], 0) != func.coalesce(getattr(b, k), 0) for k in BUCKETS))
+    rows = session.execute(
+        select(
+            func.coalesce(journal.c.account_id, b.account_id),
+            func.coalesce(journal.c.allocation_id, b.allocation_id),
+            *(journal.c[k] for k in BUCKETS),
+            *(getattr(b, k) for k in BUCKETS),
+        )
+        .select_from(journal)
+        .join(
+            b,
+            and_(b.account_id == journal.c.account_id,
+                 b.allocation_id.is_not_distinct_from(journal.c.allocation_id)),
+            full=True,
+        )
+        .where(differs)
+    ).all()
+    for row in rows:
+        account_id, allocation_id = row[0], row[1]
+        recomputed, stored = row[2:6], row[6:10]
+        diffs = ", ".join(
+            f"{k} journal {money_str(r or 0)} vs balance {money_str(s or 0)}"
+            for k, r, s in zip(BUCKETS, recomputed, stored, strict=True)
+            if (r or 0) != (s or 0)
+        )
+        problems.append(Mismatch(f"account #{account_id} allocation #{allocation_id}", diffs))
+
+    # Each transaction's amount against its own entries, by what the kind moves.
+    e = LedgerEntry
+    t = LedgerTransaction
+    moved = {
+        "deposit": func.sum(e.amount),
+        "charge": func.sum(e.amount),
+        "refund": func.sum(e.amount),
+        "hold": func.sum(e.amount),
+        "release": -func.sum(e.amount),
+        "transfer": func.sum(e.amount).filter(e.amount > 0),
+        "adjustment": func.abs(func.sum(e.amount)),
+    }
+    for kind, expr in moved.items():
+        bad = session.execute(
+            select(t.id, t.amount, func.coalesce(expr, 0))
+            .outerjoin(e, e.transaction_id == t.id)
+            .where(t.kind == kind)
+            .group_by(t.id)
+            .having(func.coalesce(expr, 0) != t.amount)
+        ).all()
+        problems += [
+            Mismatch(f"{kind} #{tid}", f"amount {money_str(amt)} but entries move {money_str(got)}")
+            for tid, amt, got in bad
+        ]
+    unbalanced = session.execute(
+        select(t.id, func.sum(e.amount)).join(e, e.transaction_id == t.id)
+        .where(t.kind == "transfer").group_by(t.id).having(func.sum(e.amount) != 0)
+    ).all()
+    problems += [Mismatch(f"transfer #{tid}", f"entries sum to {money_str(s)}, not 0") for tid, s in unbalanced]
+
+    for kind, parent_kind in (("refund", "charge"), ("release", "hold")):
+        child = select(t.refers_to_id, func.sum(t.amount).label("total")).where(t.kind == kind).group_by(t.refers_to_id).subquery()
+        over = session.execute(
+            select(t.id, t.amount, child.c.total).join(child, child.c.refers_to_id == t.id)
+            .where(or_(t.kind != parent_kind, child.c.total > t.amount))
+        ).all()
+        problems += [
+            Mismatch(f"{parent_kind} #{tid}", f"{kind}s total {money_str(total)}, more than its {money_str(amt)}")
+            for tid, amt, total in over
+        ]
+    return problems
+
+
+__all__ = [
+    "Balance", "Mismatch", "account_balance", "adjust", "charge", "deposit", "hold",
+    "project_balance", "rate_at", "refund", "refundable", "release", "transfer", "verify",
+]

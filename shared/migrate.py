@@ -1,0 +1,34 @@
+"""Schema migrations (alembic), run in-process: ``openacct db upgrade``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, text
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+# Any constant works; it keeps two processes from migrating one database at once.
+MIGRATION_LOCK = 0x0A11_0CA7
+
+
+def alembic_config(connection: Connection) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> str | None:
+    """Upgrade to ``revision`` and return the revision the database is at afterwards."""
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+        command.upgrade(alembic_config(conn), revision)
+        return current_revision(conn)
+
+
+def current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()

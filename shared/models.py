@@ -1,0 +1,404 @@
+"""The shared PostgreSQL schema, as typed SQLAlchemy 2 models.
+
+Money and quantities are NUMERIC with a fixed scale (``Money``), never float. The ledger tables
+(``ledger_transactions``, ``ledger_entries``) are append-only: a trigger created by the migrations
+refuses UPDATE and DELETE on them. ``account_balances`` is a running total kept by the ledger in
+the same database transaction as the entries, and ``openacct ledger verify`` recomputes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Scale of every stored amount of money, and of quantities of service used.
+MONEY_SCALE = 6
+RATE_SCALE = 10
+Money = Numeric(24, MONEY_SCALE)
+Quantity = Numeric(24, MONEY_SCALE)
+Rate = Numeric(24, RATE_SCALE)
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+TRANSACTION_KINDS = ("deposit", "charge", "refund", "hold", "release", "transfer", "adjustment")
+# What an entry moves. available = allocated - charged + refunded - held.
+BUCKETS = ("allocated", "charged", "refunded", "held")
+MEMBERSHIP_EVENTS = ("added", "removed", "pi_changed")
+
+Timestamp = DateTime(timezone=True)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class System(Base):
+    __tablename__ = "systems"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    services: Mapped[list[Service]] = relationship(back_populates="system")
+
+    def __repr__(self) -> str:
+        return f"<System {self.name}>"
+
+
+class Service(Base):
+    __tablename__ = "services"
+    __table_args__ = (UniqueConstraint("system_id", "name", name="uq_services_system_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    system_id: Mapped[int] = mapped_column(ForeignKey("systems.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    units: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    system: Mapped[System] = relationship(back_populates="services")
+    rates: Mapped[list[ServiceRate]] = relationship(
+        back_populates="service", order_by="ServiceRate.effective_from"
+    )
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name} on {self.system_id}>"
+
+
+class ServiceRate(Base):
+    """Charge per unit of a service, from ``effective_from`` until the next rate's start."""
+
+    __tablename__ = "service_rates"
+    __table_args__ = (
+        UniqueConstraint("service_id", "effective_from", name="uq_service_rates_service_from"),
+        CheckConstraint("rate >= 0", name="rate_not_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("services.id"))
+    rate: Mapped[Decimal] = mapped_column(Rate)
+    effective_from: Mapped[dt.datetime] = mapped_column(Timestamp)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    service: Mapped[Service] = relationship(back_populates="rates")
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    full_name: Mapped[str] = mapped_column(Text, default="", server_default="")
+    email: Mapped[str] = mapped_column(Text, default="", server_default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    def __repr__(self) -> str:
+        return f"<User {self.name}>"
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    __table_args__ = (CheckConstraint("parent_id <> id", name="not_own_parent"),)
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    pi_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("projects.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    pi: Mapped[User] = relationship(foreign_keys=[pi_id])
+    parent: Mapped[Project | None] = relationship(remote_side=[id])
+    accounts: Mapped[list[Account]] = relationship(back_populates="project", order_by="Account.id")
+    members: Mapped[list[ProjectMember]] = relationship(back_populates="project")
+
+    def __repr__(self) -> str:
+        return f"<Project {self.name}>"
+
+
+class ProjectMember(Base):
+    """Who is in a project now; ``membership_events`` keeps how it came to be."""
+
+    __tablename__ = "project_members"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    added_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    project: Mapped[Project] = relationship(back_populates="members")
+    user: Mapped[User] = relationship()
+
+
+class MembershipEvent(Base):
+    __tablename__ = "membership_events"
+    __table_args__ = (CheckConstraint(_one_of("kind", MEMBERSHIP_EVENTS), name="kind"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    actor: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    __table_args__ = (
+        # One default account per project: the one that pays when a scheduler names the project.
+        Index(
+            "uq_accounts_default_per_project",
+            "project_id",
+            unique=True,
+            postgresql_where=text("is_default"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    project: Mapped[Project] = relationship(back_populates="accounts")
+
+    def __repr__(self) -> str:
+        return f"<Account {self.name}>"
+
+
+class ServiceGrant(Base):
+    """An account may use a service while a grant with no ``revoked_at`` exists."""
+
+    __tablename__ = "service_grants"
+    __table_args__ = (
+        Index(
+            "uq_service_grants_open",
+            "account_id",
+            "service_id",
+            unique=True,
+            postgresql_where=text("revoked_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    service_id: Mapped[int] = mapped_column(ForeignKey("services.id"))
+    granted_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+
+class Allocation(Base):
+    """Money deposited into an account, spendable from ``starts_at`` until ``ends_at``.
+
+    Ledger entries that touch an allocation count towards the account's balance only while the
+    allocation is in force; unspent money of an expired allocation is no longer available.
+    """
+
+    __tablename__ = "allocations"
+    __table_args__ = (
+        CheckConstraint("amount >= 0", name="amount_not_negative"),
+        CheckConstraint("credit_limit >= 0", name="credit_limit_not_negative"),
+        CheckConstraint("ends_at IS NULL OR ends_at > starts_at", name="ends_after_start"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    amount: Mapped[Decimal] = mapped_column(Money)
+    credit_limit: Mapped[Decimal] = mapped_column(Money, default=0, server_default="0")
+    starts_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    ends_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    account: Mapped[Account] = relationship()
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        # Schedulers reuse job ids (a Slurm restart resets the counter): the submit time and the
+        # array/het indices tell two jobs with one id apart.
+        Index(
+            "uq_jobs_natural_key",
+            "system_id",
+            "job_id",
+            "array_task_id",
+            "het_offset",
+            "submit_time",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+        ),
+        CheckConstraint("end_time IS NULL OR start_time IS NULL OR end_time >= start_time",
+                        name="ends_after_start"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    system_id: Mapped[int] = mapped_column(ForeignKey("systems.id"))
+    job_id: Mapped[str] = mapped_column(String(64))
+    array_job_id: Mapped[str | None] = mapped_column(String(64))
+    array_task_id: Mapped[int | None] = mapped_column(Integer)
+    het_offset: Mapped[int | None] = mapped_column(Integer)
+    submit_time: Mapped[dt.datetime] = mapped_column(Timestamp)
+    start_time: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    end_time: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"), index=True)
+    partition: Mapped[str | None] = mapped_column(String(64))
+    qos: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str | None] = mapped_column(String(32))
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    node_count: Mapped[int | None] = mapped_column(Integer)
+    node_list: Mapped[str | None] = mapped_column(Text)
+    cpus: Mapped[int | None] = mapped_column(Integer)
+    gpus: Mapped[int | None] = mapped_column(Integer)
+    memory_mb: Mapped[int | None] = mapped_column(BigInteger)
+    time_limit_minutes: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    system: Mapped[System] = relationship()
+
+
+class LedgerTransaction(Base):
+    """One business event on the ledger. Its money moves in ``ledger_entries``."""
+
+    __tablename__ = "ledger_transactions"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", TRANSACTION_KINDS), name="kind"),
+        CheckConstraint("amount >= 0", name="amount_not_negative"),
+        Index("ix_ledger_transactions_account_effective", "account_id", "effective_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    # Size of the transaction, always >= 0; its direction comes from the kind (and the entries).
+    amount: Mapped[Decimal] = mapped_column(Money)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    counterparty_account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"))
+    service_id: Mapped[int | None] = mapped_column(ForeignKey("services.id"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    quantity: Mapped[Decimal | None] = mapped_column(Quantity)
+    rate: Mapped[Decimal | None] = mapped_column(Rate)
+    # The charge a refund or adjustment reverses, the hold a release frees.
+    refers_to_id: Mapped[int | None] = mapped_column(
+        ForeignKey("ledger_transactions.id"), index=True
+    )
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
+    actor: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    effective_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+
+    entries: Mapped[list[LedgerEntry]] = relationship(
+        back_populates="transaction", order_by="LedgerEntry.id"
+    )
+
+
+class LedgerEntry(Base):
+    """One movement of money in one bucket of one account's allocation (or of the account itself
+    when ``allocation_id`` is NULL: holds, and charges that found no allocation in force)."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        CheckConstraint(_one_of("bucket", BUCKETS), name="bucket"),
+        Index("ix_ledger_entries_account_bucket", "account_id", "allocation_id", "bucket"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    transaction_id: Mapped[int] = mapped_column(ForeignKey("ledger_transactions.id"), index=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    allocation_id: Mapped[int | None] = mapped_column(ForeignKey("allocations.id"))
+    bucket: Mapped[str] = mapped_column(String(16))
+    # Signed: a positive amount grows the bucket, a negative one shrinks it.
+    amount: Mapped[Decimal] = mapped_column(Money)
+    effective_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+
+    transaction: Mapped[LedgerTransaction] = relationship(back_populates="entries")
+
+
+class AccountBalance(Base):
+    """Running totals of ``ledger_entries`` per account and allocation, kept by the ledger."""
+
+    __tablename__ = "account_balances"
+    __table_args__ = (
+        Index(
+            "uq_account_balances_account_allocation",
+            "account_id",
+            "allocation_id",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    allocation_id: Mapped[int | None] = mapped_column(ForeignKey("allocations.id"))
+    allocated: Mapped[Decimal] = mapped_column(Money, default=0, server_default="0")
+    charged: Mapped[Decimal] = mapped_column(Money, default=0, server_default="0")
+    refunded: Mapped[Decimal] = mapped_column(Money, default=0, server_default="0")
+    held: Mapped[Decimal] = mapped_column(Money, default=0, server_default="0")
+
+
+class ProcessedEvent(Base):
+    """Inbox: an event id is processed once; the row is written with the event's effect."""
+
+    __tablename__ = "processed_events"
+
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    processed_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    transaction_id: Mapped[int | None] = mapped_column(ForeignKey("ledger_transactions.id"))
+
+
+class ParkedEvent(Base):
+    """Dead letters: an event that could not be applied, kept whole with the reason."""
+
+    __tablename__ = "parked_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    event_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    kind: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    # Raw bytes as received: the payload may not even be valid UTF-8.
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    source: Mapped[str] = mapped_column(Text, default="", server_default="")
+    parked_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    replayed_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)

@@ -1,0 +1,74 @@
+"""Parsing and formatting of money, quantities and rates: Decimal in, Decimal out, never float."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+
+from shared.errors import InvalidInput
+from shared.models import MONEY_SCALE, RATE_SCALE
+
+MONEY_QUANTUM = Decimal(1).scaleb(-MONEY_SCALE)
+RATE_QUANTUM = Decimal(1).scaleb(-RATE_SCALE)
+# NUMERIC(24, 6) holds 18 digits before the point; stay well inside it.
+MAX_MONEY = Decimal("1e15")
+
+
+def parse_decimal(
+    value: object,
+    what: str,
+    *,
+    scale: int = MONEY_SCALE,
+    allow_zero: bool = False,
+    allow_negative: bool = False,
+) -> Decimal:
+    """A finite Decimal with at most ``scale`` places, or InvalidInput naming ``what``."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise InvalidInput(
+            f"{what} must be a decimal string or Decimal, not {type(value).__name__} {value!r} "
+            "(binary floats cannot hold amounts of money exactly)"
+        )
+    if isinstance(value, int):
+        number = Decimal(value)
+    elif isinstance(value, Decimal):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = Decimal(value.strip().replace("_", ""))
+        except InvalidOperation:
+            raise InvalidInput(f"{what} {value!r} is not a number") from None
+    else:
+        raise InvalidInput(f"{what} must be a number, not {type(value).__name__}")
+    if not number.is_finite():
+        raise InvalidInput(f"{what} must be a finite number, not {value!r}")
+    if abs(number) >= MAX_MONEY:
+        raise InvalidInput(f"{what} {value!r} is too large (the limit is {MAX_MONEY:,.0f})")
+    quantum = Decimal(1).scaleb(-scale)
+    if number != number.quantize(quantum):
+        raise InvalidInput(f"{what} {value!r} has more than {scale} decimal places")
+    if number < 0 and not allow_negative:
+        raise InvalidInput(f"{what} must not be negative, got {value!r}")
+    if number == 0 and not allow_zero:
+        raise InvalidInput(f"{what} must be greater than zero, got {value!r}")
+    return number.quantize(quantum)
+
+
+def parse_money(value: object, what: str = "amount", **kwargs: bool) -> Decimal:
+    return parse_decimal(value, what, scale=MONEY_SCALE, **kwargs)
+
+
+def parse_rate(value: object, what: str = "charge rate") -> Decimal:
+    return parse_decimal(value, what, scale=RATE_SCALE, allow_zero=True)
+
+
+def round_money(value: Decimal) -> Decimal:
+    """Computed amounts (quantity x rate) are rounded half up to the ledger's scale."""
+    return value.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_UP)
+
+
+def money_str(value: Decimal) -> str:
+    """Exact, without trailing zeros beyond the cents: 1000 -> '1000.00', 0.0617250 -> '0.061725'."""
+    value = Decimal(value)
+    cents = value.quantize(Decimal("0.01"))
+    if cents == value:
+        return f"{cents:f}"
+    return f"{value.normalize():f}"
