@@ -1,0 +1,98 @@
+"""The ``openacct`` command. Every user mistake ends in one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import typer
+from typer._click.exceptions import ClickException  # typer >= 0.29 ships its own click
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from openacct.cli import center, money
+from openacct.cli.shell import shell
+from shared.errors import OpenAcctError
+
+app = typer.Typer(
+    name="openacct",
+    help="OpenAcct: allocations, charges and balances for a research computing center.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
+    """Create or migrate the schema to the latest revision."""
+    from shared.db import engine
+    from shared.migrate import upgrade
+
+    reached = upgrade(engine(), revision)
+    typer.echo(f"database is at revision {reached}")
+
+
+app.add_typer(db_app, name="db")
+app.add_typer(center.system_app, name="system")
+app.add_typer(center.service_app, name="service")
+app.add_typer(center.user_app, name="user")
+app.add_typer(center.project_app, name="project")
+app.add_typer(center.member_app, name="member")
+app.add_typer(center.account_app, name="account")
+app.command("grant")(center.grant)
+app.command("revoke")(center.revoke)
+app.command("deposit")(money.deposit)
+app.command("charge")(money.charge)
+app.command("transfer")(money.transfer)
+app.command("balance")(money.balance)
+app.command("transactions")(money.transactions)
+app.add_typer(money.ledger_app, name="ledger")
+app.command("shell")(shell)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit status instead of raising."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=list(argv) if argv is not None else None,
+                              prog_name="openacct", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except typer.Exit as exc:
+        return exc.exit_code
+    except ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except OpenAcctError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 1
+    except IntegrityError as exc:
+        # A concurrent writer created the same thing between our check and our insert.
+        typer.echo(f"error: conflicts with existing data: {_first_line(exc)}", err=True)
+        return 1
+    except OperationalError as exc:
+        typer.echo(f"error: cannot use the database: {_first_line(exc)}", err=True)
+        return 1
+    except DBAPIError as exc:
+        typer.echo(f"error: the database refused: {_first_line(exc)}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("OPENACCT_DEBUG"):
+            raise
+        typer.echo(f"internal error: {type(exc).__name__}: {exc} (OPENACCT_DEBUG=1 shows where)", err=True)
+        return 70
+
+
+def main() -> None:
+    sys.exit(run())

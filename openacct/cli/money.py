@@ -1,0 +1,170 @@
+"""The money verbs: deposit, charge, transfer, balance, transactions, ledger verify."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from sqlalchemy import or_, select
+from sqlalchemy.orm import aliased
+
+from openacct import shortcuts as sc
+from openacct.cli.output import JsonFlag, done, emit_json, emit_rows
+from shared import ledger
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.errors import InvalidInput
+from shared.models import TRANSACTION_KINDS, Account, Job, LedgerTransaction, Project, Service, User
+from shared.money import money_str
+from shared.timestamps import parse_time
+
+Key = Annotated[str | None, typer.Option(help="Idempotency key: the same key never moves money twice.")]
+Description = Annotated[str, typer.Option("--description", "-d", help="Free text.")]
+
+ledger_app = typer.Typer(help="The ledger itself.", no_args_is_help=True)
+
+BALANCE_COLUMNS = ["name", "allocated", "charged", "refunded", "held", "available", "credit_limit"]
+
+
+def deposit(
+    account: Annotated[str, typer.Argument(help="Account, or project (its default account).")],
+    amount: Annotated[str, typer.Argument(help="Amount of money, such as 1000 or 250.50.")],
+    start: Annotated[str | None, typer.Option(help="Date the allocation starts (default: now).")] = None,
+    end: Annotated[str | None, typer.Option(help="Date the allocation ends (default: never).")] = None,
+    credit_limit: Annotated[str, typer.Option(help="How far below zero the account may go.")] = "0",
+    key: Key = None,
+    description: Description = "",
+) -> None:
+    """Fund an account with a new allocation."""
+    with session_scope():
+        txn = sc.deposit(account, amount, start=start, end=end, credit_limit=credit_limit,
+                         key=key, description=description)
+        done(f"deposit #{txn.id}: {money_str(txn.amount)} into {sc.get_account(account).name}")
+
+
+def charge(
+    account: Annotated[str, typer.Argument(help="Account, or project (its default account).")],
+    service: Annotated[str, typer.Option(help="Service used, by name or SYSTEM/NAME.")],
+    quantity: Annotated[str, typer.Option(help="Units used, in the service's units.")],
+    user: Annotated[str | None, typer.Option(help="User responsible.")] = None,
+    at: Annotated[str | None, typer.Option(help="When the use happened (default: now); its rate applies.")] = None,
+    key: Key = None,
+    description: Description = "",
+) -> None:
+    """Charge an account for use of a service (storage, consulting, anything not a job)."""
+    with session_scope():
+        txn = sc.charge(account, service, quantity, user=user, effective_at=at, key=key,
+                        description=description)
+        done(f"charge #{txn.id}: {money_str(txn.amount)} ({money_str(txn.quantity)} x "
+             f"{money_str(txn.rate)}) to {sc.get_account(account).name}")
+
+
+def transfer(
+    source: Annotated[str, typer.Argument(metavar="FROM", help="Account or project giving.")],
+    target: Annotated[str, typer.Argument(metavar="TO", help="Account or project receiving.")],
+    amount: Annotated[str, typer.Argument(help="Amount of money.")],
+    key: Key = None,
+    description: Description = "",
+) -> None:
+    """Move available money between accounts; it keeps its expiry."""
+    with session_scope():
+        txn = sc.transfer(source, target, amount, key=key, description=description)
+        done(f"transfer #{txn.id}: {money_str(txn.amount)} from {sc.get_account(source).name} "
+             f"to {sc.get_account(target).name}")
+
+
+def balance(
+    target: Annotated[str | None, typer.Argument(metavar="[PROJECT|ACCOUNT]", help="Default: every active project.")] = None,
+    at: Annotated[str | None, typer.Option(help="Balance as it stood at this time.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Allocated, charged, refunded, held and available money, with the credit limit."""
+    with session_scope():
+        result = sc.balance(target, at=at)
+    if target is not None and not isinstance(result, list):
+        if as_json:
+            emit_json(result.as_dict())
+            return
+        result = [result]
+    assert isinstance(result, list)
+    emit_rows([b.as_dict() for b in result], BALANCE_COLUMNS, as_json=as_json)
+
+
+def transactions(
+    project: Annotated[str | None, typer.Option(help="Only this project's accounts.")] = None,
+    account: Annotated[str | None, typer.Option(help="Only this account.")] = None,
+    service: Annotated[str | None, typer.Option(help="Only this service.")] = None,
+    user: Annotated[str | None, typer.Option(help="Only this user's.")] = None,
+    kind: Annotated[str | None, typer.Option(help=f"Only one kind: {', '.join(TRANSACTION_KINDS)}.")] = None,
+    job: Annotated[str | None, typer.Option(help="Only this scheduler job id.")] = None,
+    since: Annotated[str | None, typer.Option(help="Effective at or after this time.")] = None,
+    until: Annotated[str | None, typer.Option(help="Effective before this time.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many, newest first.")] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """List ledger transactions, newest first."""
+    t = LedgerTransaction
+    other = aliased(Account)
+    zone = get_settings().zone
+    with session_scope() as s:
+        query = (
+            select(t, Account.name, other.name, Service.name, User.name, Job.job_id)
+            .join(Account, Account.id == t.account_id)
+            .outerjoin(other, other.id == t.counterparty_account_id)
+            .outerjoin(Service, Service.id == t.service_id)
+            .outerjoin(User, User.id == t.user_id)
+            .outerjoin(Job, Job.id == t.job_id)
+        )
+        if kind is not None:
+            if kind not in TRANSACTION_KINDS:
+                raise InvalidInput(f"unknown kind {kind!r}: one of {', '.join(TRANSACTION_KINDS)}")
+            query = query.where(t.kind == kind)
+        if project is not None:
+            ids = select(Account.id).where(Account.project_id == sc.get_project(project).id)
+            query = query.where(or_(t.account_id.in_(ids), t.counterparty_account_id.in_(ids)))
+        if account is not None:
+            acct = sc.get_account(account)
+            query = query.where(or_(t.account_id == acct.id, t.counterparty_account_id == acct.id))
+        if service is not None:
+            query = query.where(t.service_id == sc.get_service(service).id)
+        if user is not None:
+            query = query.where(t.user_id == sc.get_user(user).id)
+        if job is not None:
+            query = query.where(Job.job_id == job)
+        if since is not None:
+            query = query.where(t.effective_at >= parse_time(since, "since", zone))
+        if until is not None:
+            query = query.where(t.effective_at < parse_time(until, "until", zone))
+        rows = [
+            {"id": txn.id, "kind": txn.kind, "effective_at": txn.effective_at,
+             "account": acct_name, "to_account": to_name, "amount": txn.amount,
+             "service": svc, "quantity": txn.quantity, "rate": txn.rate, "user": who,
+             "job": job_id, "refers_to": txn.refers_to_id, "key": txn.idempotency_key,
+             "description": txn.description, "details": txn.details, "created_at": txn.created_at}
+            for txn, acct_name, to_name, svc, who, job_id in
+            s.execute(query.order_by(t.effective_at.desc(), t.id.desc()).limit(limit))
+        ]
+    columns = ["id", "kind", "effective_at", "account", "amount", "service", "quantity", "user", "job"]
+    if as_json:
+        emit_json(rows)
+    else:
+        emit_rows(rows, columns, as_json=False)
+
+
+@ledger_app.command("verify")
+def verify(as_json: JsonFlag = False) -> None:
+    """Recompute every balance from the journal and report any mismatch (exit 1 if one)."""
+    with session_scope() as s:
+        problems = ledger.verify(s)
+        accounts = s.query(Account).count()
+        projects = s.query(Project).count()
+    if as_json:
+        emit_json({"ok": not problems, "accounts": accounts, "projects": projects,
+                   "mismatches": [{"what": p.what, "detail": p.detail} for p in problems]})
+    elif problems:
+        for problem in problems:
+            typer.echo(f"MISMATCH {problem}")
+    else:
+        done(f"ledger verified: {accounts} accounts in {projects} projects agree with the journal")
+    if problems:
+        raise typer.Exit(1)

@@ -1,0 +1,87 @@
+"""How the CLI prints: rich tables for people, ``--json`` for scripts, one line for a mistake."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from shared.money import money_str
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+# Piped output is read by people in a pager or a log, not an 80-column terminal.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready: money as exact decimal strings, times in ISO 8601."""
+    if isinstance(value, Decimal):
+        return money_str(value)
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(plain(data), indent=2) + "\n")
+
+
+def emit_rows(rows: Sequence[Mapping[str, Any]], columns: Iterable[str], *, as_json: bool, title: str | None = None) -> None:
+    columns = list(columns)
+    if as_json:
+        emit_json([{c: row.get(c) for c in columns} for row in rows])
+        return
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right" if _numeric(rows, column) else "left")
+    for row in rows:
+        # Text() keeps user-supplied strings from being read as rich markup.
+        table.add_row(*(Text(_cell(row.get(c))) for c in columns))
+    console.print(table)
+
+
+def emit_record(record: Mapping[str, Any], *, as_json: bool, title: str | None = None) -> None:
+    if as_json:
+        emit_json(record)
+        return
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in record.items():
+        if isinstance(value, list | dict):
+            continue
+        table.add_row(Text(key.replace("_", " ")), Text(_cell(value)))
+    console.print(table)
+
+
+def done(message: str) -> None:
+    console.print(Text(message))
+
+
+def _numeric(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
+    return any(isinstance(r.get(column), Decimal | int) and not isinstance(r.get(column), bool) for r in rows)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Decimal):
+        return money_str(value)
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S %Z")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
