@@ -327,8 +327,9 @@ class LedgerTransaction(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
     effective_at: Mapped[dt.datetime] = mapped_column(Timestamp)
 
+    # Loaded with the transaction: callers get it back detached, entries and all.
     entries: Mapped[list[LedgerEntry]] = relationship(
-        back_populates="transaction", order_by="LedgerEntry.id"
+        back_populates="transaction", order_by="LedgerEntry.id", lazy="selectin"
     )
 
 

@@ -1,0 +1,10 @@
+cluster = create_system("cluster", description="A Cluster")
+service = create_service("cluster-core-hours", system=cluster, units="core-hours",
+                         charge_rate="0.05", description="CPU core usage * wallclock hours")
+bob, sue, tux = create_user("bob"), create_user("sue"), create_user("tux")
+phys = create_project("phys", pi=bob, description="Physics Dept")
+chem = create_project("chem", pi=sue, description="Chemistry Dept")
+grant_service_access(service, project=phys)
+grant_service_access(service, project="chem")
+add_user_to_project(tux, chem)
+add_user_to_project("tux", "phys")

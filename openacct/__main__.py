@@ -1,0 +1,3 @@
+from openacct.cli import main
+
+main()

@@ -1,0 +1,110 @@
+"""Test harness: one real PostgreSQL database per run, migrated once; each test in a transaction
+rolled back at its end (``db``), or, where a test needs real commits seen by other processes,
+a database emptied after it (``committed``).
+
+With ``OPENACCT_DATABASE_URL`` set, the run creates (and drops) a fresh database on that server;
+without it, an embedded PostgreSQL is started in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import Connection, Engine, make_url, text
+
+from shared import config, db
+from shared.embedded import ensure_database
+from shared.migrate import upgrade
+from shared.models import Base
+
+QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart.py"
+
+
+def _server_url(tmp_root: Path) -> str:
+    given = os.environ.get("OPENACCT_DATABASE_URL")
+    if given:
+        return given
+    from shared.embedded import postgres_url
+
+    return postgres_url(tmp_root, "postgres")
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp_root = tmp_path_factory.mktemp("openacct")
+    server = make_url(_server_url(tmp_root))
+    name = f"openacct_test_{uuid.uuid4().hex[:10]}"
+    admin = server.set(drivername="postgresql").render_as_string(hide_password=False)
+    ensure_database(admin, name)
+    url = server.set(database=name, drivername="postgresql").render_as_string(hide_password=False)
+
+    empty_config = tmp_root / "openacct.toml"
+    empty_config.write_text("")
+    saved = {k: os.environ.get(k) for k in ("OPENACCT_DATABASE_URL", "OPENACCT_DATA_DIR", "OPENACCT_CONFIG")}
+    os.environ.update(OPENACCT_DATABASE_URL=url, OPENACCT_DATA_DIR=str(tmp_root / "data"),
+                      OPENACCT_CONFIG=str(empty_config))
+    _forget_settings()
+    upgrade(db.engine())
+    yield url
+
+    db.engine().dispose()
+    _forget_settings()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _forget_settings() -> None:
+    config.get_settings.cache_clear()
+    db.database_url.cache_clear()
+    db.engine.cache_clear()
+    db._session_factory = None
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Engine:
+    return db.engine()
+
+
+@pytest.fixture
+def db_connection(engine: Engine) -> Iterator[Connection]:
+    """Every session opened during the test joins this transaction, rolled back at the end."""
+    with engine.connect() as connection:
+        outer = connection.begin()
+        db.bind(connection)
+        try:
+            yield connection
+        finally:
+            outer.rollback()
+            db.bind(engine)
+
+
+@pytest.fixture
+def committed(engine: Engine) -> Iterator[Engine]:
+    """For tests whose writes other processes must see: commits for real, then empties the
+    database (TRUNCATE is how the append-only ledger tables are emptied)."""
+    db.bind(engine)
+    try:
+        yield engine
+    finally:
+        tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+        with engine.begin() as conn:
+            conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def quickstart(db_connection: Connection) -> None:
+    """The README's quick-start center: cluster, core-hours at 0.05, bob/sue/tux, phys/chem."""
+    from openacct import shortcuts
+
+    namespace = {name: getattr(shortcuts, name) for name in shortcuts.__all__}
+    exec(compile(QUICKSTART.read_text(), str(QUICKSTART), "exec"), namespace)
