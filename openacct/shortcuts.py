@@ -108,18 +108,22 @@ def _by_name(model: type[Any], value: object, what: str) -> Any:
     raise InvalidInput(f"{what} must be given by name or object, not {type(value).__name__}")
 
 
+@unit_of_work
 def get_system(system: System | str) -> System:
     return _by_name(System, system, "system")
 
 
+@unit_of_work
 def get_user(user: User | str) -> User:
     return _by_name(User, user, "user")
 
 
+@unit_of_work
 def get_project(project: Project | str) -> Project:
     return _by_name(Project, project, "project")
 
 
+@unit_of_work
 def get_service(service: Service | str, system: System | str | None = None) -> Service:
     """A service by object, by ``name`` (unique across systems, or with ``system``), or by
     ``system/name``."""
@@ -146,6 +150,7 @@ def get_service(service: Service | str, system: System | str | None = None) -> S
     return found[0]
 
 
+@unit_of_work
 def get_account(account: Account | Project | str) -> Account:
     """An account by object or name; a project (or its name) stands for its default account."""
     session = _session()
