@@ -34,6 +34,14 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     typer.echo(f"database is at revision {reached}")
 
 
+@app.command("demo")
+def demo() -> None:
+    """Build a small center on a database of its own (openacct_demo) and print its balances."""
+    from openacct.demo import run as run_demo
+
+    run_demo()
+
+
 app.add_typer(db_app, name="db")
 app.add_typer(center.system_app, name="system")
 app.add_typer(center.service_app, name="service")
