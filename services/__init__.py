@@ -1,0 +1,1 @@
+"""OpenAcct's Celery workers: charger, refunder, reporter."""

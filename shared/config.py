@@ -7,6 +7,7 @@ Scheduler hooks run with an almost empty environment, so everything can also com
 from __future__ import annotations
 
 import os
+import tomllib
 from functools import lru_cache
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -109,6 +110,8 @@ def get_settings() -> Settings:
         raise ConfigError(f"config file {path} (from OPENACCT_CONFIG) does not exist")
     try:
         return Settings()
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"

@@ -5,12 +5,15 @@ from __future__ import annotations
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 from shared.errors import InvalidInput
-from shared.models import MONEY_SCALE, RATE_SCALE
+from shared.models import MONEY_SCALE, RATE_SCALE, Money, Rate
 
 MONEY_QUANTUM = Decimal(1).scaleb(-MONEY_SCALE)
 RATE_QUANTUM = Decimal(1).scaleb(-RATE_SCALE)
 # NUMERIC(24, 6) holds 18 digits before the point; stay well inside it.
 MAX_MONEY = Decimal("1e15")
+# What the columns can hold at all: NUMERIC(24, 10) rates 14 digits, NUMERIC(24, 6) amounts 18.
+MAX_RATE = Decimal(10) ** (Rate.precision - Rate.scale)
+MAX_STORED_MONEY = Decimal(10) ** (Money.precision - Money.scale)
 
 
 def parse_decimal(
@@ -20,6 +23,7 @@ def parse_decimal(
     scale: int = MONEY_SCALE,
     allow_zero: bool = False,
     allow_negative: bool = False,
+    limit: Decimal = MAX_MONEY,
 ) -> Decimal:
     """A finite Decimal with at most ``scale`` places, or InvalidInput naming ``what``."""
     if isinstance(value, bool) or isinstance(value, float):
@@ -40,8 +44,9 @@ def parse_decimal(
         raise InvalidInput(f"{what} must be a number, not {type(value).__name__}")
     if not number.is_finite():
         raise InvalidInput(f"{what} must be a finite number, not {value!r}")
-    if abs(number) >= MAX_MONEY:
-        raise InvalidInput(f"{what} {value!r} is too large (the limit is {MAX_MONEY:,.0f})")
+    # copy_abs, not abs(): abs() rounds to the context and overflows on values such as 1e1000000.
+    if number.copy_abs() >= limit:
+        raise InvalidInput(f"{what} {value!r} is too large (the limit is {limit:,.0f})")
     quantum = Decimal(1).scaleb(-scale)
     if number != number.quantize(quantum):
         raise InvalidInput(f"{what} {value!r} has more than {scale} decimal places")
@@ -57,12 +62,20 @@ def parse_money(value: object, what: str = "amount", **kwargs: bool) -> Decimal:
 
 
 def parse_rate(value: object, what: str = "charge rate") -> Decimal:
-    return parse_decimal(value, what, scale=RATE_SCALE, allow_zero=True)
+    return parse_decimal(value, what, scale=RATE_SCALE, allow_zero=True, limit=MAX_RATE)
 
 
 def round_money(value: Decimal) -> Decimal:
     """Computed amounts (quantity x rate) are rounded half up to the ledger's scale."""
-    return value.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_UP)
+    # Checked before quantize(), which raises InvalidOperation past the context's 28 digits.
+    if value.copy_abs() < MAX_STORED_MONEY:
+        rounded = value.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_UP)
+        if rounded.copy_abs() < MAX_STORED_MONEY:
+            return rounded
+    raise InvalidInput(
+        f"amount {value:.6E} is too large to record (the limit is {MAX_STORED_MONEY:,.0f}); "
+        "check the quantity and the rate"
+    )
 
 
 def money_str(value: Decimal) -> str:

@@ -1,12 +1,12 @@
 """initial schema: center model, append-only ledger, inbox and dead letters
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-26
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = '0001'

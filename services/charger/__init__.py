@@ -1,0 +1,1 @@
+"""The charger worker: see the README's status table (it lands with its issue)."""
