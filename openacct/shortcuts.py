@@ -210,6 +210,8 @@ def create_service(
     owner = get_system(system)
     if not isinstance(units, str) or not units.strip():
         raise InvalidInput("units must be a non-empty string such as 'core-hours'")
+    if len(units.strip()) > 64:
+        raise InvalidInput(f"units {units.strip()!r} are longer than 64 characters")
     rate = parse_rate(charge_rate)
     if session.scalar(select(exists().where(Service.system_id == owner.id, Service.name == name))):
         raise AlreadyExists(f"service {name!r} already exists on system {owner.name!r}")

@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 
 import typer
-from typer._click.exceptions import ClickException  # typer >= 0.29 ships its own click
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from typer._click.exceptions import ClickException  # typer >= 0.29 ships its own click
 
 from openacct.cli import center, money
 from openacct.cli.shell import shell

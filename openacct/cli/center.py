@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from decimal import Decimal
 from typing import Annotated
 
 import typer
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from openacct import shortcuts as sc
 from openacct.cli.output import JsonFlag, done, emit_record, emit_rows
 from shared import ledger
 from shared.db import session_scope
+from shared.errors import NotFound
 from shared.models import (
     Account,
     MembershipEvent,
@@ -78,9 +82,17 @@ def service_list(
             query = query.where(Service.system_id == sc.get_system(system).id)
         now = ledger.now()
         rows = [{"system": x.system.name, "name": x.name, "units": x.units,
-                 "rate": ledger.rate_at(s, x, now), "description": x.description}
+                 "rate": _rate_or_none(s, x, now), "description": x.description}
                 for x in s.scalars(query)]
     emit_rows(rows, ["system", "name", "units", "rate", "description"], as_json=as_json)
+
+
+def _rate_or_none(session: Session, service: Service, at: dt.datetime) -> Decimal | None:
+    """The rate in effect at ``at``; None for a service whose first rate starts later."""
+    try:
+        return ledger.rate_at(session, service, at)
+    except NotFound:
+        return None
 
 
 @service_app.command("rate")
@@ -208,8 +220,14 @@ ProjectOpt = Annotated[str | None, typer.Option(help="Every active account of th
 AccountOpt = Annotated[str | None, typer.Option(help="This account only.")]
 
 
+def _one_target(project: str | None, account: str | None) -> None:
+    if (project is None) == (account is None):
+        raise typer.BadParameter("name exactly one of --project or --account")
+
+
 def grant(service: str, project: ProjectOpt = None, account: AccountOpt = None) -> None:
     """Let a project's accounts (or one account) use a service."""
+    _one_target(project, account)
     with session_scope():
         grants = sc.grant_service_access(service, project, account=account)
     done(f"granted {service} to {project or account} ({len(grants)} new grant(s))")
@@ -217,6 +235,7 @@ def grant(service: str, project: ProjectOpt = None, account: AccountOpt = None) 
 
 def revoke(service: str, project: ProjectOpt = None, account: AccountOpt = None) -> None:
     """Stop a project's accounts (or one account) using a service."""
+    _one_target(project, account)
     with session_scope():
         count = sc.revoke_service_access(service, project, account=account)
     done(f"revoked {service} from {project or account} ({count} grant(s))")
