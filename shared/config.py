@@ -6,7 +6,6 @@ Scheduler hooks run with an almost empty environment, so everything can also com
 
 from __future__ import annotations
 
-import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
@@ -20,19 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-DEFAULT_CONFIG_FILE = Path("/etc/openacct/openacct.toml")
-
-
-def config_file() -> Path | None:
-    named = os.environ.get("OPENACCT_CONFIG")
-    if named:
-        return Path(named)
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
-
-
-def _default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or (Path.home() / ".local" / "share")
-    return Path(base) / "openacct"
+from shared.hookconfig import config_path as config_file
+from shared.hookconfig import default_data_dir
 
 
 class Settings(BaseSettings):
@@ -46,7 +34,26 @@ class Settings(BaseSettings):
         default=None,
         description="Celery broker URL (redis:// or amqp://). Unset: an embedded Redis is started.",
     )
-    data_dir: Path = Field(default_factory=_default_data_dir)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    spool_dir: Path | None = Field(
+        default=None, description="Where hooks spool events for the relay. Unset: data_dir/spool."
+    )
+    default_system: str | None = Field(
+        default=None,
+        description="System a hook's events belong to when the scheduler does not say "
+        "(Slurm's jobcomp CLUSTER is empty without slurmdbd).",
+    )
+    free_states: list[str] = Field(
+        default=["NODE_FAIL"],
+        description="Job states not charged; jobs ending in any other state pay for their elapsed time.",
+    )
+    relay_batch_size: int = Field(default=1000, ge=1, le=20_000)
+    broker_visibility_timeout: int = Field(
+        default=3600, ge=5, description="Seconds before Redis redelivers an unacknowledged task."
+    )
+    max_deliveries: int = Field(
+        default=5, ge=1, le=100, description="Deliveries of one batch before its events are parked."
+    )
     timezone: str = Field(
         default="UTC", description="Zone for dates and times given without an offset."
     )
@@ -82,6 +89,15 @@ class Settings(BaseSettings):
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
+
+    @field_validator("free_states")
+    @classmethod
+    def _upper(cls, states: list[str]) -> list[str]:
+        return [s.strip().upper() for s in states]
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,214 @@
+"""Event contracts: what hooks publish and workers consume. Versioned; JSON Schema in
+``shared/schemas/`` (``openacct events schema`` writes it) for hooks in other languages.
+
+Every event is one flat JSON object with ``schema_version``, ``kind`` and ``event_id``. Job
+events carry what schedulers give; their id is derived from the job (``shared.event_id``), and
+an event whose id does not match its job is refused, so a replayed or forged id cannot shadow
+another job's charge.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from shared.event_id import job_event_id
+
+SCHEMA_VERSION = 1
+# Clocks on cluster nodes drift; an event this far in the future is still plausible.
+CLOCK_SKEW = dt.timedelta(minutes=10)
+LONGEST_JOB = dt.timedelta(days=400)
+
+JOB_STATES = (
+    "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+    "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "REQUEUED", "SUSPENDED",
+    "REVOKED", "SPECIAL_EXIT",
+)
+
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")]
+OptionalName = Annotated[str | None, Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9._@+-]*$")]
+JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+Count = Annotated[int, Field(ge=0, le=10_000_000)]
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None:
+        raise ValueError("must carry a time zone (an offset or Z), or be epoch seconds")
+    if not dt.datetime(1990, 1, 1, tzinfo=dt.UTC) <= value <= dt.datetime.now(dt.UTC) + CLOCK_SKEW:
+        raise ValueError("is not a plausible time (before 1990 or in the future)")
+    return value.astimezone(dt.UTC)
+
+
+Time = Annotated[dt.datetime, AfterValidator(_aware)]
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    schema_version: Literal[1] = Field(description="Contract version; others are refused.")
+    event_id: str = Field(min_length=1, max_length=200)
+    emitted_at: Time | None = None
+    source: str = Field(default="", max_length=64, description="What produced it: slurm-jobcomp, publish, …")
+
+
+class JobFields(Event):
+    system: Name
+    job_id: JobId
+    array_job_id: JobId | None = None
+    array_task_id: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
+    het_offset: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    name: str | None = Field(default=None, max_length=256)
+    user: Name
+    account: OptionalName
+    partition: OptionalName
+    qos: OptionalName
+    submit_time: Time | None = Field(
+        default=None, description="Required unless start_time is given (Slurm's ctld hooks lack it)."
+    )
+    start_time: Time | None = None
+    node_count: Count | None = None
+    node_list: str | None = Field(default=None, max_length=65_536, pattern=r"^[A-Za-z0-9_.,\[\]-]*$")
+    cpus: Count | None = None
+    gpus: Count | None = None
+    memory_mb: Annotated[int, Field(ge=0, le=10**12)] | None = None
+    time_limit_minutes: Annotated[int, Field(ge=0, le=10**8)] | None = None
+
+    @model_validator(mode="after")
+    def _id_matches_the_job(self) -> JobFields:
+        if self.submit_time is None and self.start_time is None:
+            raise ValueError("a job event needs submit_time or start_time")
+        expected = self.expected_id()
+        if self.event_id != expected:
+            raise ValueError(f"event_id {self.event_id!r} does not match its job (expected {expected!r})")
+        return self
+
+    def expected_id(self) -> str:
+        def epoch(t: dt.datetime | None) -> int | None:
+            return None if t is None else int(t.timestamp())
+
+        return job_event_id(self.kind, self.system, self.job_id, self.array_task_id,  # type: ignore[attr-defined]
+                            self.het_offset, epoch(self.submit_time), epoch(self.start_time))
+
+
+class JobStarted(JobFields):
+    kind: Literal["job.started"]
+
+
+class JobCompleted(JobFields):
+    kind: Literal["job.completed"]
+    end_time: Time
+    start_time: Time | None = None
+    state: str = Field(max_length=32)
+    exit_code: Annotated[int, Field(ge=-1024, le=1024)] | None = None
+
+    @field_validator("state")
+    @classmethod
+    def _known_state(cls, value: str) -> str:
+        state = value.upper().split()[0] if value.strip() else value
+        if state not in JOB_STATES:
+            raise ValueError(f"unknown job state {value!r}")
+        return state
+
+    @model_validator(mode="after")
+    def _times_in_order(self) -> JobCompleted:
+        start = self.start_time or self.end_time
+        if self.submit_time is not None and start < self.submit_time:
+            raise ValueError("start_time is before submit_time")
+        if self.end_time < start:
+            raise ValueError("end_time is before start_time")
+        if self.end_time - start > LONGEST_JOB:
+            raise ValueError(f"the job ran longer than {LONGEST_JOB.days} days")
+        return self
+
+    @property
+    def elapsed_seconds(self) -> int:
+        if self.start_time is None:
+            return 0
+        return int((self.end_time - self.start_time).total_seconds())
+
+
+class RefundRequested(Event):
+    """Refund a job's charges or one transaction: in full, an amount, or a fraction."""
+
+    kind: Literal["refund.requested"]
+    system: Name | None = None
+    job_id: JobId | None = None
+    submit_time: Time | None = None
+    transaction_id: Annotated[int, Field(ge=1)] | None = None
+    amount: Annotated[Decimal, Field(gt=0, max_digits=24, decimal_places=6)] | None = None
+    fraction: Annotated[Decimal, Field(gt=0, le=1, decimal_places=6)] | None = None
+    reason: str = Field(min_length=1, max_length=2000)
+    requester: str = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _one_target_one_size(self) -> RefundRequested:
+        if (self.transaction_id is None) == (self.job_id is None):
+            raise ValueError("name exactly one of transaction_id or job_id")
+        if self.job_id is not None and self.system is None:
+            raise ValueError("a job refund needs the job's system")
+        if self.amount is not None and self.fraction is not None:
+            raise ValueError("give amount or fraction, not both")
+        return self
+
+
+class ReportRequested(Event):
+    kind: Literal["report.requested"]
+    report: Literal["rollup", "statements", "alerts", "usage"]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+AnyEvent = Annotated[JobStarted | JobCompleted | RefundRequested | ReportRequested, Field(discriminator="kind")]
+EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
+KINDS = ("job.started", "job.completed", "refund.requested", "report.requested")
+
+
+class EventRejected(ValueError):
+    """Why a payload is not an acceptable event, in one line a person can act on."""
+
+
+def parse_event(raw: bytes | str) -> AnyEvent:
+    """Validate one raw event, or raise ``EventRejected`` with the precise reason."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EventRejected(f"payload is not UTF-8 (bad byte at offset {exc.start})") from None
+    try:
+        return EVENT_ADAPTER.validate_json(raw)
+    except ValidationError as exc:
+        raise EventRejected(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors(include_url=False)[:5]:
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("job.", "refund.", "report.")))
+        if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
+            problems.append(f"kind must be one of {', '.join(KINDS)}")
+            continue
+        if err["type"] == "literal_error" and where == "schema_version":
+            problems.append(f"unsupported schema_version {err.get('input')!r} (this OpenAcct reads {SCHEMA_VERSION})")
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    models: dict[str, type[BaseModel]] = {
+        "job.started": JobStarted, "job.completed": JobCompleted,
+        "refund.requested": RefundRequested, "report.requested": ReportRequested,
+    }
+    return {kind: model.model_json_schema() for kind, model in models.items()}
