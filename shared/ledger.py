@@ -20,9 +20,10 @@ import datetime as dt
 import hashlib
 import json
 import uuid
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -162,14 +163,8 @@ def _write(
     )
     for e in entries:
         totals[(e.account_id, e.allocation_id)][e.bucket] += e.amount
-    for (account_id, allocation_id), sums in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-        stmt = insert(AccountBalance).values(account_id=account_id, allocation_id=allocation_id, **sums)
-        session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["account_id", "allocation_id"],
-                set_={b: getattr(AccountBalance, b) + getattr(stmt.excluded, b) for b in BUCKETS},
-            )
-        )
+    if totals:
+        _add_to_balances(session, totals)
     session.flush()
     return session.get_one(LedgerTransaction, inserted)
 
@@ -283,6 +278,40 @@ def rate_at(session: Session, service: Service, at: dt.datetime) -> Decimal:
     return rate
 
 
+def charge_request_hash(
+    account_id: int, service_id: int, quantity: Decimal, multiplier: Decimal,
+    user_id: int | None, job_id: int | None, effective_at: dt.datetime | None,
+) -> str:
+    return _request_hash("charge", {
+        "account": account_id, "service": service_id, "quantity": quantity,
+        "multiplier": multiplier, "user": user_id, "job": job_id, "effective_at": effective_at,
+    })
+
+
+@dataclass(frozen=True)
+class ChargeRequest:
+    """One charge for ``charge_many``: quantities already validated, the time already known."""
+
+    key: str
+    request_hash: str
+    account_id: int
+    service_id: int
+    quantity: Decimal
+    effective_at: dt.datetime
+    multiplier: Decimal = Decimal(1)
+    user_id: int | None = None
+    job_id: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    actor: str = ""
+
+
+@dataclass
+class ChargeResult:
+    transactions: dict[str, int]  # key -> transaction id, new or replayed
+    refused: dict[str, str]  # key -> why
+
+
 def charge(
     session: Session,
     account: Account,
@@ -306,25 +335,160 @@ def charge(
     quantity = parse_money(quantity, "quantity", allow_zero=True)
     multiplier = parse_money(multiplier, "multiplier", allow_zero=True)
     key = _check_key(key)
-    request = {"account": account.id, "service": service.id, "quantity": quantity,
-               "multiplier": multiplier, "user": user.id if user else None,
-               "job": job.id if job else None, "effective_at": effective_at}
-    digest = _request_hash("charge", request)
+    user_id, job_id = (user.id if user else None), (job.id if job else None)
+    digest = charge_request_hash(account.id, service.id, quantity, multiplier, user_id, job_id, effective_at)
     if (done := _replay(session, key, digest)) is not None:
         return done
     at = _effective(effective_at)
-    rate = rate_at(session, service, at)
-    amount = round_money(quantity * rate * multiplier)
+    rate_at(session, service, at)  # a clear NotFound before anything is locked
+    result = charge_many(session, [ChargeRequest(
+        key=key, request_hash=digest, account_id=account.id, service_id=service.id,
+        quantity=quantity, effective_at=at, multiplier=multiplier, user_id=user_id,
+        job_id=job_id, details=details or {}, description=description, actor=actor,
+    )])
+    if key in result.refused:
+        raise IdempotencyConflict(result.refused[key])
+    return session.get_one(LedgerTransaction, result.transactions[key])
 
-    _lock_accounts(session, account)
-    slices = _draw(session, account, amount, at) if amount > 0 else []
-    return _write(
-        session, kind="charge", key=key, request_hash=digest, amount=amount, account=account,
-        effective_at=at, service_id=service.id, quantity=quantity, rate=rate,
-        user_id=user.id if user else None, job_id=job.id if job else None,
-        description=description, actor=actor,
-        details={"multiplier": money_str(multiplier), **(details or {})},
-        entries=[_Entry(account.id, a.id if a else None, "charged", x) for a, x in slices],
+
+def _rate_tables(session: Session, service_ids: Iterable[int]) -> dict[int, tuple[list[dt.datetime], list[Decimal]]]:
+    tables: dict[int, tuple[list[dt.datetime], list[Decimal]]] = {}
+    for service_id, start, rate in session.execute(
+        select(ServiceRate.service_id, ServiceRate.effective_from, ServiceRate.rate)
+        .where(ServiceRate.service_id.in_(list(service_ids)))
+        .order_by(ServiceRate.service_id, ServiceRate.effective_from)
+    ):
+        starts, rates = tables.setdefault(service_id, ([], []))
+        starts.append(start)
+        rates.append(rate)
+    return tables
+
+
+@dataclass
+class _Bucket:
+    """An allocation's money still unspent, as a batch of charges draws on it."""
+
+    id: int
+    starts_at: dt.datetime
+    ends_at: dt.datetime | None
+    remaining: Decimal
+
+    def in_force(self, at: dt.datetime) -> bool:
+        return self.starts_at <= at and (self.ends_at is None or at < self.ends_at)
+
+
+def _buckets(session: Session, account_ids: list[int]) -> dict[int, list[_Bucket]]:
+    left = AccountBalance.allocated - AccountBalance.charged + AccountBalance.refunded
+    found: dict[int, list[_Bucket]] = defaultdict(list)
+    for account_id, alloc_id, starts, ends, remaining in session.execute(
+        select(Allocation.account_id, Allocation.id, Allocation.starts_at, Allocation.ends_at, left)
+        .join(AccountBalance, AccountBalance.allocation_id == Allocation.id)
+        .where(Allocation.account_id.in_(account_ids))
+        .order_by(Allocation.ends_at.asc().nulls_last(), Allocation.id)
+    ):
+        found[account_id].append(_Bucket(alloc_id, starts, ends, remaining))
+    return found
+
+
+def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeResult:
+    """Write many charges with a handful of statements: the charger's path, one call per batch.
+
+    Each request is rated at its effective time and drawn on its account's allocations in
+    force then, the one ending first first, in the order given; what no allocation covers is
+    owed by the account. A key seen before with the same request is replayed, with another
+    request refused; nothing is written for either.
+    """
+    result = ChargeResult({}, {})
+    if not requests:
+        return result
+    by_key = {r.key: r for r in requests}
+    if len(by_key) != len(requests):
+        raise InvalidInput("a batch of charges names one idempotency key twice")
+    rates = _rate_tables(session, {r.service_id for r in requests})
+    priced: list[tuple[ChargeRequest, Decimal, Decimal]] = []
+    for r in requests:
+        starts, table = rates.get(r.service_id, ([], []))
+        i = bisect_right(starts, r.effective_at)
+        if i == 0:
+            result.refused[r.key] = f"service #{r.service_id} has no charge rate in effect at {r.effective_at.isoformat()}"
+            continue
+        priced.append((r, table[i - 1], round_money(r.quantity * table[i - 1] * r.multiplier)))
+
+    account_ids = sorted({r.account_id for r, _, _ in priced})
+    session.execute(select(Account.id).where(Account.id.in_(account_ids)).order_by(Account.id).with_for_update())
+    for key, txn_id, digest in session.execute(
+        select(LedgerTransaction.idempotency_key, LedgerTransaction.id, LedgerTransaction.request_hash)
+        .where(LedgerTransaction.idempotency_key.in_([r.key for r, _, _ in priced]))
+    ):
+        if digest == by_key[key].request_hash:
+            result.transactions[key] = txn_id
+        else:
+            result.refused[key] = (f"idempotency key {key!r} was already used by transaction #{txn_id} "
+                                   "with different details; use a new key for a new request")
+    todo = [(r, rate, amount) for r, rate, amount in priced if r.key not in result.transactions and r.key not in result.refused]
+    if not todo:
+        return result
+
+    buckets = _buckets(session, account_ids)
+    slices: dict[str, list[tuple[int | None, Decimal]]] = {}
+    for r, _, amount in todo:
+        rest, taken = amount, []
+        for bucket in buckets.get(r.account_id, ()):
+            if rest == 0:
+                break
+            if bucket.remaining > 0 and bucket.in_force(r.effective_at):
+                take = min(bucket.remaining, rest)
+                bucket.remaining -= take
+                taken.append((bucket.id, take))
+                rest -= take
+        if rest > 0:
+            taken.append((None, rest))
+        slices[r.key] = taken
+
+    inserted = session.execute(
+        insert(LedgerTransaction).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(LedgerTransaction.idempotency_key, LedgerTransaction.id),
+        [
+            {"kind": "charge", "idempotency_key": r.key, "request_hash": r.request_hash,
+             "amount": amount, "account_id": r.account_id, "service_id": r.service_id,
+             "quantity": r.quantity, "rate": rate, "user_id": r.user_id, "job_id": r.job_id,
+             "effective_at": r.effective_at, "description": r.description, "actor": r.actor,
+             "details": {"multiplier": money_str(r.multiplier), **r.details}}
+            for r, rate, amount in todo
+        ],
+    ).all()
+    written = dict(inserted)
+    result.transactions.update(written)
+    entries = []
+    totals: dict[tuple[int, int | None], Decimal] = defaultdict(lambda: ZERO)
+    for r, _, _ in todo:
+        if r.key not in written:
+            continue  # a concurrent writer committed this key first; it wrote the entries
+        for allocation_id, amount in slices[r.key]:
+            entries.append({"transaction_id": written[r.key], "account_id": r.account_id,
+                            "allocation_id": allocation_id, "bucket": "charged",
+                            "amount": amount, "effective_at": r.effective_at})
+            totals[(r.account_id, allocation_id)] += amount
+    if entries:
+        session.execute(insert(LedgerEntry), entries)
+        _add_to_balances(session, {k: {"charged": v} for k, v in totals.items()})
+    return result
+
+
+def _add_to_balances(session: Session, totals: dict[tuple[int, int | None], dict[str, Decimal]]) -> None:
+    """Add to the running totals, one upsert per (account, allocation), in a fixed order."""
+    rows = [
+        {"account_id": account_id, "allocation_id": allocation_id,
+         **{b: sums.get(b, ZERO) for b in BUCKETS}}
+        for (account_id, allocation_id), sums in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
+    ]
+    stmt = insert(AccountBalance)
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["account_id", "allocation_id"],
+            set_={b: getattr(AccountBalance, b) + getattr(stmt.excluded, b) for b in BUCKETS},
+        ),
+        rows,
     )
 
 

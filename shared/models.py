@@ -289,6 +289,8 @@ class Job(Base):
     gpus: Mapped[int | None] = mapped_column(Integer)
     memory_mb: Mapped[int | None] = mapped_column(BigInteger)
     time_limit_minutes: Mapped[int | None] = mapped_column(Integer)
+    # Why the job was or was not charged: "charged for elapsed time", "state NODE_FAIL is not charged".
+    charge_policy: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
 
     system: Mapped[System] = relationship()
@@ -403,3 +405,73 @@ class ParkedEvent(Base):
     source: Mapped[str] = mapped_column(Text, default="", server_default="")
     parked_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
     replayed_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+
+# --------------------------------------------------------------------------- scheduler mapping
+
+ALIAS_KINDS = ("system", "user", "account")
+RESOURCES = ("cpu", "gpu", "node")
+MULTIPLIER_KINDS = ("partition", "qos")
+
+
+class Alias(Base):
+    """A name the scheduler uses for an OpenAcct system, user or account, where they differ.
+    System aliases are global; user and account aliases belong to one system."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", ALIAS_KINDS), name="kind"),
+        CheckConstraint("(kind = 'system') = (system_id IS NULL)", name="system_scope"),
+        Index("uq_aliases_kind_system_alias", "kind", "system_id", "alias", unique=True,
+              postgresql_nulls_not_distinct=True),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    system_id: Mapped[int | None] = mapped_column(ForeignKey("systems.id"))
+    alias: Mapped[str] = mapped_column(String(64))
+    target_id: Mapped[int] = mapped_column(Integer)
+
+
+class ResourceService(Base):
+    """Which service a job resource is charged to on a system: cpu -> core-hours, and so on.
+    Without a row, a system's service whose units are core-hours, gpu-hours or node-hours is used."""
+
+    __tablename__ = "resource_services"
+    __table_args__ = (
+        CheckConstraint(_one_of("resource", RESOURCES), name="resource"),
+        UniqueConstraint("system_id", "resource", name="uq_resource_services_system_resource"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    system_id: Mapped[int] = mapped_column(ForeignKey("systems.id"))
+    resource: Mapped[str] = mapped_column(String(16))
+    service_id: Mapped[int] = mapped_column(ForeignKey("services.id"))
+
+
+class ChargeMultiplier(Base):
+    """Jobs in this partition (or QoS) of a system pay ``multiplier`` times the rate."""
+
+    __tablename__ = "charge_multipliers"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", MULTIPLIER_KINDS), name="kind"),
+        CheckConstraint("multiplier >= 0", name="multiplier_not_negative"),
+        UniqueConstraint("system_id", "kind", "name", name="uq_charge_multipliers_system_kind_name"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    system_id: Mapped[int] = mapped_column(ForeignKey("systems.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(64))
+    multiplier: Mapped[Decimal] = mapped_column(Numeric(12, 6))
+
+
+class TaskDelivery(Base):
+    """How often a worker has started a task: Redis cannot count redeliveries, so the workers do,
+    and park a batch that keeps failing instead of retrying it forever."""
+
+    __tablename__ = "task_deliveries"
+
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    deliveries: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    first_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())

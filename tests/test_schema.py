@@ -50,7 +50,7 @@ def _schema(engine: Engine) -> dict[str, object]:
 def test_downgrade_then_upgrade_ends_identical(engine: Engine, scratch_engine: Engine) -> None:
     from alembic import command
 
-    assert upgrade(scratch_engine) == "0001"
+    assert upgrade(scratch_engine) == "0002"
     fresh = _schema(scratch_engine)
     with scratch_engine.begin() as conn:
         command.downgrade(alembic_config(conn), "base")
@@ -58,4 +58,4 @@ def test_downgrade_then_upgrade_ends_identical(engine: Engine, scratch_engine: E
     upgrade(scratch_engine)
     assert _schema(scratch_engine) == fresh == _schema(engine)
     # Upgrading an up-to-date database is a no-op.
-    assert upgrade(scratch_engine) == "0001"
+    assert upgrade(scratch_engine) == "0002"

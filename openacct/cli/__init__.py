@@ -10,7 +10,7 @@ import typer
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from typer._click.exceptions import ClickException  # typer >= 0.29 ships its own click
 
-from openacct.cli import center, money
+from openacct.cli import center, money, pipeline
 from openacct.cli.shell import shell
 from shared.errors import OpenAcctError
 
@@ -58,6 +58,11 @@ app.command("balance")(money.balance)
 app.command("transactions")(money.transactions)
 app.add_typer(money.ledger_app, name="ledger")
 app.command("shell")(shell)
+app.command("worker")(pipeline.worker)
+app.command("relay")(pipeline.relay)
+app.add_typer(pipeline.deadletter_app, name="deadletter")
+app.add_typer(pipeline.job_app, name="job")
+app.add_typer(pipeline.events_app, name="events")
 
 
 def _first_line(exc: BaseException) -> str:

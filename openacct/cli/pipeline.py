@@ -1,0 +1,206 @@
+"""The event pipeline's commands: workers, the relay, dead letters, jobs, event schemas."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from openacct import shortcuts as sc
+from openacct.cli.output import JsonFlag, done, emit_json, emit_record, emit_rows
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.deadletter import Parked, park
+from shared.errors import InvalidInput, NotFound
+from shared.ledger import now
+from shared.models import Account, Job, LedgerTransaction, ParkedEvent, Service, System, User
+
+WORKERS = ("charger",)
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "shared" / "schemas"  # the refunder and reporter join with their issue
+
+deadletter_app = typer.Typer(help="Events that could not be applied, with the reason.", no_args_is_help=True)
+job_app = typer.Typer(help="Jobs and what they were charged.", no_args_is_help=True)
+events_app = typer.Typer(help="The event contracts.", no_args_is_help=True)
+
+
+def worker(
+    name: Annotated[str, typer.Argument(help=f"Which worker: {', '.join(WORKERS)}.")],
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 2,
+    loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run a worker consuming its own queue (same as celery -A services.NAME.tasks worker -Q NAME)."""
+    if name not in WORKERS:
+        raise InvalidInput(f"no worker named {name!r}: one of {', '.join(WORKERS)}")
+    if loglevel.lower() not in ("debug", "info", "warning", "error"):
+        raise InvalidInput(f"unknown log level {loglevel!r}")
+    import importlib
+
+    tasks = importlib.import_module(f"services.{name}.tasks")
+    tasks.app.worker_main(["worker", "-Q", name, "-n", f"{name}@%h", "-c", str(concurrency),
+                           "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
+
+
+def relay(
+    once: Annotated[bool, typer.Option(help="Ship what is spooled now, then exit.")] = False,
+    status: Annotated[bool, typer.Option(help="Print the spool's backlog as JSON and exit.")] = False,
+) -> None:
+    """Ship spooled events to the broker; one relay per spool host."""
+    import logging
+
+    from shared.relay import Relay
+
+    settings = get_settings()
+    if status:
+        from shared import spool
+
+        count, oldest = spool.backlog(settings.spool_path)
+        emit_json({"spool": str(settings.spool_path), "backlog": count, "oldest_seconds": round(oldest, 3)})
+        return
+    from shared.celery_app import get_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s")
+    the_relay = Relay(get_app(), settings.spool_path, settings.relay_batch_size)
+    if once:
+        while the_relay.ship_once():
+            pass
+        done(f"shipped {the_relay.shipped} events")
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    the_relay.run(stop)
+
+
+@deadletter_app.command("list")
+def deadletter_list(
+    everything: Annotated[bool, typer.Option("--all", help="Include replayed ones.")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """Parked events, newest first."""
+    with session_scope() as s:
+        query = select(ParkedEvent).order_by(ParkedEvent.id.desc()).limit(limit)
+        if not everything:
+            query = query.where(ParkedEvent.replayed_at.is_(None))
+        rows = [{"id": p.id, "parked_at": p.parked_at, "kind": p.kind, "event_id": p.event_id,
+                 "reason": p.reason, "replayed_at": p.replayed_at} for p in s.scalars(query)]
+    emit_rows(rows, ["id", "parked_at", "kind", "event_id", "reason", "replayed_at"], as_json=as_json)
+
+
+def _parked(s: Session, parked_id: int) -> ParkedEvent:
+    found = s.get(ParkedEvent, parked_id)
+    if found is None:
+        raise NotFound(f"no parked event #{parked_id}")
+    return found
+
+
+@deadletter_app.command("show")
+def deadletter_show(parked_id: int, as_json: JsonFlag = False) -> None:
+    """One parked event: its reason and its payload as received."""
+    with session_scope() as s:
+        p = _parked(s, parked_id)
+        text = p.payload.decode("utf-8", "backslashreplace")
+        record = {"id": p.id, "parked_at": p.parked_at, "kind": p.kind, "event_id": p.event_id,
+                  "source": p.source, "reason": p.reason, "replayed_at": p.replayed_at,
+                  "payload_bytes": len(p.payload), "payload": text[:100_000]}
+    emit_record(record, as_json=as_json, title=f"parked event #{parked_id}")
+
+
+@deadletter_app.command("replay")
+def deadletter_replay(
+    ids: Annotated[list[int] | None, typer.Argument(help="Parked event numbers.")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Every parked event not yet replayed.")] = False,
+) -> None:
+    """Apply parked events again, once their cause is fixed. Each that fails is parked anew."""
+    from services.charger.batch import charge_events
+
+    if bool(ids) == everything:
+        raise typer.BadParameter("name parked event numbers, or --all")
+    with session_scope() as s:
+        query = select(ParkedEvent.id).where(ParkedEvent.replayed_at.is_(None)).order_by(ParkedEvent.id)
+        targets = list(s.scalars(query)) if everything else list(ids or [])
+    failed = 0
+    for parked_id in targets:
+        with session_scope() as s:
+            p = _parked(s, parked_id)
+            if p.replayed_at is not None:
+                raise InvalidInput(f"parked event #{parked_id} was already replayed at {p.replayed_at.isoformat()}")
+            p.replayed_at = now()
+            s.flush()
+            try:
+                with s.begin_nested():
+                    outcome = charge_events(s, [p.payload.decode("utf-8", "surrogateescape")], source="replay")
+            except Exception as exc:  # the same isolation a worker gives a failing event
+                park(s, [Parked(p.payload, f"could not be applied: {type(exc).__name__}: {exc}", p.event_id, p.kind, "replay")])
+                outcome = None
+        if outcome is None or outcome.parked:
+            failed += 1
+            typer.echo(f"#{parked_id}: parked again (see openacct deadletter list)", err=True)
+        else:
+            what = "charged" if outcome.charged else "duplicate, already applied" if outcome.duplicates else "recorded"
+            done(f"#{parked_id}: {what}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@job_app.command("show")
+def job_show(
+    job_id: Annotated[str, typer.Argument(help="The scheduler's job id.")],
+    system: Annotated[str | None, typer.Option(help="Only this system's job.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """A job as recorded, with every transaction it caused and why (quantity, rate, policy)."""
+    with session_scope() as s:
+        query = select(Job, System.name).join(System, System.id == Job.system_id).where(Job.job_id == job_id)
+        if system is not None:
+            query = query.where(Job.system_id == sc.get_system(system).id)
+        found = s.execute(query.order_by(Job.submit_time)).all()
+        if not found:
+            raise NotFound(f"no job {job_id!r}" + (f" on system {system!r}" if system else ""))
+        jobs = []
+        for job, system_name in found:
+            user = s.get(User, job.user_id) if job.user_id else None
+            account = s.get(Account, job.account_id) if job.account_id else None
+            txns = s.execute(
+                select(LedgerTransaction, Service.name).outerjoin(Service, Service.id == LedgerTransaction.service_id)
+                .where(LedgerTransaction.job_id == job.id).order_by(LedgerTransaction.id)
+            ).all()
+            jobs.append({
+                "system": system_name, "job_id": job.job_id, "array_job_id": job.array_job_id,
+                "array_task_id": job.array_task_id, "het_offset": job.het_offset,
+                "user": user.name if user else None, "account": account.name if account else None,
+                "partition": job.partition, "qos": job.qos, "state": job.state, "exit_code": job.exit_code,
+                "submit_time": job.submit_time, "start_time": job.start_time, "end_time": job.end_time,
+                "cpus": job.cpus, "gpus": job.gpus, "node_count": job.node_count, "node_list": job.node_list,
+                "memory_mb": job.memory_mb, "time_limit_minutes": job.time_limit_minutes,
+                "charge_policy": job.charge_policy,
+                "transactions": [{"id": t.id, "kind": t.kind, "amount": t.amount, "service": svc,
+                                  "quantity": t.quantity, "rate": t.rate, "effective_at": t.effective_at,
+                                  "details": t.details} for t, svc in txns],
+            })
+    if as_json:
+        emit_json(jobs if len(jobs) > 1 else jobs[0])
+        return
+    for record in jobs:
+        emit_record(record, as_json=False, title=f"job {record['job_id']} on {record['system']}")
+        emit_rows(record["transactions"], ["id", "kind", "amount", "service", "quantity", "rate", "effective_at"],
+                  as_json=False, title="transactions")
+
+
+@events_app.command("schema")
+def events_schema(
+    out: Annotated[Path, typer.Option(help="Directory to write one JSON Schema per event kind.")] = SCHEMA_DIR,
+) -> None:
+    """Write the JSON Schema of every event kind, for hooks written in other languages."""
+    from shared.events import json_schemas
+
+    out.mkdir(parents=True, exist_ok=True)
+    for kind, schema in json_schemas().items():
+        (out / f"{kind}.schema.json").write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+    done(f"wrote {len(json_schemas())} schemas to {out}")

@@ -1,0 +1,94 @@
+"""What every worker does with a batch: count deliveries, apply it in one transaction, and
+fall back to one event at a time when the batch as a whole fails.
+
+A batch that keeps coming back (its worker dies on it: out of memory, killed) is parked whole
+after ``max_deliveries``, so one poison message cannot stall a queue; an administrator replays
+its events with ``openacct deadletter replay``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.deadletter import Parked, park, raw_bytes
+from shared.models import TaskDelivery
+
+log = logging.getLogger("openacct.worker")
+
+# The database is away or restarting: retry the task later, it is not the batch's fault.
+RETRYABLE = (OperationalError, InterfaceError)
+
+
+@dataclass
+class Outcome:
+    charged: int = 0
+    recorded: int = 0
+    duplicates: int = 0
+    parked: int = 0
+    transactions: int = 0
+
+    def add(self, other: Outcome) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+Handler = Callable[..., Outcome]
+
+
+def count_delivery(delivery_id: str) -> int:
+    with session_scope() as session:
+        stmt = insert(TaskDelivery).values(task_id=delivery_id[:64])
+        return session.execute(
+            stmt.on_conflict_do_update(index_elements=["task_id"],
+                                       set_={"deliveries": TaskDelivery.deliveries + 1})
+            .returning(TaskDelivery.deliveries)
+        ).scalar_one()
+
+
+def run_batch(task: Any, items: list[Any], handler: Handler, source: str) -> dict[str, int]:
+    if not isinstance(items, list):
+        items = [items]
+    # A retry is a new message; a redelivery of a message whose worker died is the same one.
+    deliveries = count_delivery(f"{task.request.id}:{task.request.retries or 0}")
+    limit = get_settings().max_deliveries
+    if deliveries > limit:
+        reason = (f"batch {task.request.id} was delivered {deliveries} times without completing "
+                  "(its worker died each time); parked for an administrator to replay")
+        with session_scope() as session:
+            parked = park(session, [Parked(raw_bytes(i), reason, source=source) for i in items])
+        log.error("%s: %d events parked", reason, parked)
+        return asdict(Outcome(parked=parked))
+    try:
+        with session_scope() as session:
+            outcome = handler(session, items, source=source)
+    except RETRYABLE:
+        raise
+    except Exception:
+        log.exception("batch of %d failed as a whole; applying its events one by one", len(items))
+        outcome = apply_one_by_one(items, handler, source)
+    return asdict(outcome)
+
+
+def apply_one_by_one(items: list[Any], handler: Handler, source: str) -> Outcome:
+    outcome = Outcome()
+    for item in items:
+        try:
+            with session_scope() as session:
+                outcome.add(handler(session, [item], source=source))
+        except RETRYABLE:
+            raise
+        except Exception as exc:
+            with session_scope() as session:
+                outcome.parked += park(session, [Parked(
+                    raw_bytes(item), f"could not be applied: {type(exc).__name__}: {exc}"[:2000], source=source)])
+    return outcome
+
+

@@ -1,0 +1,229 @@
+"""A batch of job events, applied with set-based SQL in one database transaction.
+
+For each event: validate it, map its names, record its job, claim it in the inbox and charge
+it through the ledger. An event that cannot be applied is parked with its reason; every other
+event of the batch still goes through. Claiming (``INSERT … ON CONFLICT DO NOTHING RETURNING``)
+happens in the same transaction as the charges, so a redelivered or repeated event is charged
+once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from services.batches import Outcome
+from services.charger.directory import Directory, SystemInfo, Unresolved
+from shared import ledger
+from shared.config import get_settings
+from shared.deadletter import Parked, park, raw_bytes
+from shared.events import EventRejected, JobCompleted, JobStarted, parse_event
+from shared.models import Job, ProcessedEvent
+
+HOUR = Decimal(3600)
+QUANTITY = Decimal("0.000001")
+# States that are not the end of a run: nothing to charge.
+NOT_FINISHED = {"PENDING", "RUNNING", "REQUEUED", "SUSPENDED"}
+RESOURCE_COUNT = {"cpu": "cpus", "gpu": "gpus", "node": "node_count"}
+JOB_KEY = ("system_id", "job_id", "array_task_id", "het_offset", "submit_time")
+
+
+@dataclass
+class Plan:
+    event: JobStarted | JobCompleted
+    job: dict[str, Any]
+    charges: list[dict[str, Any]] = field(default_factory=list)
+
+
+def charge_events(session: Session, items: list[Any], *, source: str = "") -> Outcome:
+    outcome = Outcome()
+    parked: list[Parked] = []
+    events: dict[str, tuple[JobStarted | JobCompleted, bytes]] = {}
+    for item in items:
+        raw = raw_bytes(item)
+        try:
+            event = parse_event(raw)
+        except EventRejected as exc:
+            parked.append(Parked(raw, str(exc), source=source))
+            continue
+        if not isinstance(event, JobStarted | JobCompleted):
+            parked.append(Parked(raw, f"{event.kind} events go to the refunder or reporter, not the charger",
+                                 event.event_id, event.kind, source))
+            continue
+        if event.event_id in events:
+            outcome.duplicates += 1
+        events[event.event_id] = (event, raw)
+
+    seen = set(session.scalars(select(ProcessedEvent.event_id).where(ProcessedEvent.event_id.in_(events))))
+    outcome.duplicates += len(seen)
+    fresh = [(e, raw) for event_id, (e, raw) in events.items() if event_id not in seen]
+    directory = Directory.load(session, (e for e, _ in fresh))
+    settings = get_settings()
+    plans: list[Plan] = []
+    for event, raw in fresh:
+        try:
+            plans.append(_plan(session, directory, event, set(settings.free_states)))
+        except Unresolved as exc:
+            parked.append(Parked(raw, str(exc), event.event_id, event.kind, source))
+
+    job_ids = _record_jobs(session, plans)
+    claimed = _claim(session, plans)
+    outcome.duplicates += len(plans) - len(claimed)
+    requests = []
+    for plan in plans:
+        if plan.event.event_id not in claimed:
+            continue
+        job_id = job_ids[tuple(plan.job[k] for k in JOB_KEY)]
+        outcome.recorded += 1
+        if plan.charges:
+            outcome.charged += 1
+        for c in plan.charges:
+            requests.append(ledger.ChargeRequest(
+                key=c["key"], account_id=c["account_id"], service_id=c["service_id"],
+                quantity=c["quantity"], effective_at=plan.event.end_time,  # type: ignore[union-attr]
+                multiplier=c["multiplier"], user_id=plan.job["user_id"], job_id=job_id,
+                details=c["details"], actor="charger",
+                request_hash=ledger.charge_request_hash(
+                    c["account_id"], c["service_id"], c["quantity"], c["multiplier"],
+                    plan.job["user_id"], job_id, plan.event.end_time),  # type: ignore[union-attr]
+            ))
+    result = ledger.charge_many(session, requests)
+    if result.refused:
+        # The inbox claimed these events, so refusing now would lose them: abort the batch and
+        # let the caller apply its events one by one.
+        raise RuntimeError(f"ledger refused charges: {result.refused}")
+    outcome.transactions = len(result.transactions)
+    outcome.parked = park(session, parked)
+    return outcome
+
+
+def _plan(session: Session, directory: Directory, event: JobStarted | JobCompleted, free_states: set[str]) -> Plan:
+    system = directory.system(event.system)
+    user_id = directory.user(system, event.user)
+    account = directory.account(system, event.account)
+    directory.check_member(account, user_id, event.user)
+    job = {
+        "system_id": system.id, "job_id": event.job_id, "array_job_id": event.array_job_id,
+        "array_task_id": event.array_task_id, "het_offset": event.het_offset,
+        "submit_time": event.submit_time or _submit_time_for(session, system, event),
+        "start_time": event.start_time, "user_id": user_id, "account_id": account.id,
+        "partition": event.partition, "qos": event.qos, "node_count": event.node_count,
+        "node_list": event.node_list, "cpus": event.cpus, "gpus": event.gpus,
+        "memory_mb": event.memory_mb, "time_limit_minutes": event.time_limit_minutes,
+    }
+    plan = Plan(event, job)
+    if isinstance(event, JobStarted):
+        job["state"] = "RUNNING"
+        return plan
+    job.update(end_time=event.end_time, state=event.state, exit_code=event.exit_code)
+    start = event.start_time or _recorded_start(session, system, event)
+    if start is None:
+        raise Unresolved(f"no start time for job {event.job_id}: the event has none and no "
+                         "job.started was recorded for it")
+    job["start_time"] = start
+    elapsed = int((event.end_time - start).total_seconds())
+    if event.state in free_states:
+        policy = f"state {event.state} is not charged"
+    elif event.state in NOT_FINISHED:
+        policy = f"state {event.state} is not the end of a run"
+    elif elapsed <= 0:
+        policy = "never ran"
+    else:
+        policy = "charged for elapsed time"
+    job["charge_policy"] = policy
+    if policy != "charged for elapsed time":
+        return plan
+
+    hours = Decimal(elapsed) / HOUR
+    partition_m = system.multipliers.get(("partition", event.partition or ""), Decimal(1))
+    qos_m = system.multipliers.get(("qos", event.qos or ""), Decimal(1))
+    for resource, attribute in RESOURCE_COUNT.items():
+        count = getattr(event, attribute) or 0
+        if resource == "node" and "node" not in system.services:
+            continue  # node-hours are charged only where a center defines them
+        if count <= 0:
+            continue
+        service_id, service_name = directory.service(system, resource, account)
+        quantity = (count * hours).quantize(QUANTITY, rounding=ROUND_HALF_UP)
+        plan.charges.append({
+            "key": f"{event.event_id}/{resource}", "account_id": account.id,
+            "service_id": service_id, "quantity": quantity, "multiplier": partition_m * qos_m,
+            "details": {
+                "event_id": event.event_id, "resource": resource, "count": count,
+                "elapsed_seconds": elapsed, "state": event.state, "policy": policy,
+                "partition_multiplier": str(partition_m), "qos_multiplier": str(qos_m),
+                "service": service_name,
+            },
+        })
+    return plan
+
+
+def _submit_time_for(session: Session, system: SystemInfo, event: JobStarted | JobCompleted) -> dt.datetime:
+    """Hooks that never see the submit time (Slurm's ctld hooks): the job recorded by its start,
+    or the start time itself standing in for the submit time in the job's key."""
+    found = session.scalar(
+        select(Job.submit_time).where(
+            Job.system_id == system.id, Job.job_id == event.job_id,
+            Job.array_task_id.is_not_distinct_from(event.array_task_id),
+            Job.het_offset.is_not_distinct_from(event.het_offset),
+            Job.start_time == event.start_time,
+        ).order_by(Job.submit_time.desc()).limit(1)
+    )
+    assert event.start_time is not None  # the contract requires submit_time or start_time
+    return found or event.start_time
+
+
+def _recorded_start(session: Session, system: SystemInfo, event: JobCompleted) -> dt.datetime | None:
+    return session.scalar(
+        select(Job.start_time).where(
+            Job.system_id == system.id, Job.job_id == event.job_id,
+            Job.array_task_id.is_not_distinct_from(event.array_task_id),
+            Job.het_offset.is_not_distinct_from(event.het_offset),
+            Job.end_time.is_(None), Job.start_time.is_not(None),
+        ).order_by(Job.submit_time.desc()).limit(1)
+    )
+
+
+def _record_jobs(session: Session, plans: list[Plan]) -> dict[tuple[Any, ...], int]:
+    """Upsert every job of the batch by its natural key; a completion overrides a start."""
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for plan in plans:
+        key = tuple(plan.job[k] for k in JOB_KEY)
+        values = plan.job
+        if key in rows and isinstance(plan.event, JobStarted):
+            continue
+        rows[key] = {**{k: None for k in _JOB_COLUMNS}, **values}
+    if not rows:
+        return {}
+    stmt = insert(Job)
+    update = {c: stmt.excluded[c] for c in _JOB_COLUMNS if c not in JOB_KEY}
+    # Keep what an earlier event said when a later one does not say it.
+    update = {c: func.coalesce(stmt.excluded[c], getattr(Job, c)) for c in update}
+    result = session.execute(
+        stmt.on_conflict_do_update(index_elements=list(JOB_KEY), set_=update)
+        .returning(Job.id, *(getattr(Job, k) for k in JOB_KEY)),
+        list(rows.values()),
+    )
+    return {tuple(row[1:]): row[0] for row in result}
+
+
+_JOB_COLUMNS = ("system_id", "job_id", "array_job_id", "array_task_id", "het_offset", "submit_time",
+                "start_time", "end_time", "user_id", "account_id", "partition", "qos", "state",
+                "exit_code", "node_count", "node_list", "cpus", "gpus", "memory_mb", "time_limit_minutes",
+                "charge_policy")
+
+
+def _claim(session: Session, plans: list[Plan]) -> set[str]:
+    if not plans:
+        return set()
+    return set(session.scalars(
+        insert(ProcessedEvent).on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(ProcessedEvent.event_id),
+        [{"event_id": p.event.event_id, "kind": p.event.kind} for p in plans],
+    ))

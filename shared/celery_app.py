@@ -1,0 +1,96 @@
+"""The Celery app every worker and the relay share, set up for at-least-once delivery.
+
+Delivery is at-least-once and the effect exactly once: the workers are idempotent (inbox and
+idempotency keys), so the broker may redeliver freely, and it must never drop. Hence late acks,
+requeue when a worker dies, one message prefetched at a time, running tasks cancelled when the
+broker connection is lost (their message comes back), a Redis visibility timeout longer than
+any task may run, and on RabbitMQ publisher confirms and quorum queues with a delivery limit.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from shared.config import Settings, get_settings
+
+QUEUES = ("charger", "refunder", "reporter")
+# Which queue each event kind goes to; anything unreadable goes to the charger, which parks it.
+ROUTES = {"job.started": "charger", "job.completed": "charger",
+          "refund.requested": "refunder", "report.requested": "reporter"}
+TASKS = {"charger": "charger.process_batch", "refunder": "refunder.process_batch",
+         "reporter": "reporter.process_batch"}
+
+_embedded_redis: Any = None
+
+
+def broker_url(settings: Settings) -> str:
+    """The configured broker, or an embedded Redis under the data directory shared by every
+    process that uses the same directory."""
+    global _embedded_redis
+    if settings.broker_url:
+        return settings.broker_url
+    if _embedded_redis is None:
+        from shared.embedded import EmbeddedRedis
+
+        _embedded_redis = EmbeddedRedis(settings.data_dir / "redis")
+    return _embedded_redis.url
+
+
+def is_amqp(url: str) -> bool:
+    return url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    url = broker_url(settings)
+    amqp = is_amqp(url)
+    if amqp:
+        # Quorum queues survive a broker node loss and count deliveries: a message delivered
+        # more than max_deliveries times is dropped by RabbitMQ, so the workers park it first
+        # (see services.worker) one delivery earlier.
+        queue_args = {"x-queue-type": "quorum", "x-delivery-limit": settings.max_deliveries + 1}
+        transport_options: dict[str, Any] = {"confirm_publish": True}
+    else:
+        queue_args = {}
+        transport_options = {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            # Sweep for messages of dead workers often enough to matter with short timeouts.
+            "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 10)),
+            "unacked_restore_throttle": 1,
+        }
+    app.conf.update(
+        broker_url=url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport_options,
+        task_queues=[Queue(name, routing_key=name, queue_arguments=queue_args) for name in QUEUES],
+        task_routes={task: {"queue": queue, "routing_key": queue} for queue, task in TASKS.items()},
+        task_default_queue="charger",
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A task may never outlive the visibility timeout, or Redis hands it to a second worker.
+        task_time_limit=int(settings.broker_visibility_timeout * 0.8),
+        task_soft_time_limit=int(settings.broker_visibility_timeout * 0.7),
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        broker_pool_limit=4,
+    )
+    if amqp:
+        app.conf.update(task_create_missing_queues=False, worker_detect_quorum_queues=True)
+
+
+@lru_cache(maxsize=1)
+def get_app() -> Celery:
+    app = Celery("openacct")
+    configure(app, get_settings())
+    return app

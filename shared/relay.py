@@ -1,0 +1,125 @@
+"""``openacct relay``: ships spooled events to the broker, one spool host, one relay.
+
+A batch of spool entries becomes one task message per queue, published with confirms where the
+broker has them (RabbitMQ); entries are deleted only once every message of the batch is
+published. If the relay dies between publish and delete, the batch is published again and the
+workers' inbox drops the repeat. While the broker is away it backs off, and the spool grows.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from shared import spool
+from shared.celery_app import ROUTES, TASKS
+
+log = logging.getLogger("openacct.relay")
+
+IDLE_POLL = 0.2
+MAX_BACKOFF = 30.0
+REPORT_EVERY = 10.0
+
+
+def message_item(raw: bytes) -> tuple[str, Any]:
+    """The queue an event goes to, and how it travels: as text, or base64 if not UTF-8."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "charger", {"b64": base64.b64encode(raw).decode()}
+    try:
+        kind = json.loads(text).get("kind")
+    except (ValueError, AttributeError):
+        kind = None
+    return ROUTES.get(kind, "charger") if isinstance(kind, str) else "charger", text
+
+
+@dataclass
+class Backlog:
+    count: int
+    oldest_seconds: float
+
+
+class Relay:
+    def __init__(self, app: Celery, spool_dir: Path, batch_size: int) -> None:
+        self.app = app
+        self.spool_dir = spool_dir
+        self.batch_size = batch_size
+        self.shipped = 0
+
+    def ship_once(self) -> int:
+        """Publish one batch of spooled events; returns how many left the spool."""
+        paths = spool.pending(self.spool_dir, self.batch_size)
+        if not paths:
+            return 0
+        by_queue: dict[str, list[Any]] = defaultdict(list)
+        done: list[Path] = []
+        for path in paths:
+            try:
+                if path.stat().st_size > spool.MAX_EVENT_BYTES:
+                    spool.reject(self.spool_dir, path.read_bytes()[: spool.MAX_EVENT_BYTES],
+                                 f"event of {path.stat().st_size} bytes is larger than "
+                                 f"{spool.MAX_EVENT_BYTES}; first bytes kept", "relay")
+                    path.unlink()
+                    continue
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue  # another relay on this spool took it: harmless, the inbox dedupes
+            queue, item = message_item(raw)
+            by_queue[queue].append(item)
+            done.append(path)
+        for queue, items in by_queue.items():
+            self.app.send_task(TASKS[queue], args=[items], queue=queue, routing_key=queue,
+                               retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+        for path in done:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        self.shipped += len(done)
+        return len(done)
+
+    def backlog(self) -> Backlog:
+        return Backlog(*spool.backlog(self.spool_dir))
+
+    def run(self, stop: threading.Event) -> None:
+        spool.ensure(self.spool_dir)
+        backoff = 0.0
+        last_report = 0.0
+        while not stop.is_set():
+            try:
+                shipped = self.ship_once()
+                if backoff:
+                    log.warning("broker is back; shipping the spool")
+                backoff = 0.0
+            except Exception as exc:  # broker away, full, refusing: keep the spool, try later
+                backoff = min(MAX_BACKOFF, max(0.5, backoff * 2))
+                log.warning("cannot publish (%s: %s); retrying in %.1f s", type(exc).__name__, exc, backoff)
+                stop.wait(backoff)
+                continue
+            now = time.monotonic()
+            if now - last_report >= REPORT_EVERY:
+                self.write_status()
+                last_report = now
+            if shipped < self.batch_size:
+                stop.wait(IDLE_POLL)
+
+    def write_status(self) -> None:
+        """Backlog for health checks and ``openacct relay --status``: one small JSON file."""
+        b = self.backlog()
+        status = {"pid": os.getpid(), "at": time.time(), "backlog": b.count,
+                  "oldest_seconds": round(b.oldest_seconds, 3), "shipped": self.shipped}
+        log.info("spool backlog %d, oldest %.1f s, shipped %d", b.count, b.oldest_seconds, self.shipped)
+        tmp = self.spool_dir / "relay.status.tmp"
+        tmp.write_text(json.dumps(status))
+        tmp.replace(self.spool_dir / "relay.status")
