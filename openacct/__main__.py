@@ -1,3 +1,3 @@
-from openacct.cli import main
+from openacct.entry import main
 
 main()

@@ -10,7 +10,7 @@ import typer
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from typer._click.exceptions import ClickException  # typer >= 0.29 ships its own click
 
-from openacct.cli import center, money, pipeline
+from openacct.cli import center, money, pipeline, publish
 from openacct.cli.shell import shell
 from shared.errors import OpenAcctError
 
@@ -32,6 +32,15 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
 
     reached = upgrade(engine(), revision)
     typer.echo(f"database is at revision {reached}")
+
+
+@app.command("hook")
+def hook(name: str = typer.Argument(help="slurm-jobcomp, slurm-prologctld or slurm-epilogctld.")) -> None:
+    """Run a scheduler hook: spool one job event from the hook's environment (see openacct hook --help)."""
+    # ``openacct hook`` normally never gets here: openacct.entry runs the hooks without this CLI.
+    from openacct.hooks import main as run_hook
+
+    raise typer.Exit(run_hook([name]))
 
 
 @app.command("demo")
@@ -63,6 +72,7 @@ app.command("relay")(pipeline.relay)
 app.add_typer(pipeline.deadletter_app, name="deadletter")
 app.add_typer(pipeline.job_app, name="job")
 app.add_typer(pipeline.events_app, name="events")
+app.command("publish")(publish.publish)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,127 @@
+"""How long ``openacct hook slurm-jobcomp`` takes, run as slurmctld runs it, against the issue's targets.
+
+    .venv/bin/python bench/hook.py [--runs N] [--settings file|env]
+
+The hook gets a real jobcomp environment (tests/fixtures) and a temporary spool, and runs N times
+with the broker up (a listening socket that counts connections) and N times with it down
+(OPENACCT_BROKER_URL at a closed port). The hook never talks to the broker, so the two should
+match. Start-up dominates a hook, and it depends on the machine, so each run is paired with a run
+of the bare interpreter (``python -c pass``), interleaved so both see the same load; p50s are also
+given as a multiple of it.
+
+Settings: ``file`` (default) gives the hook a TOML config file, as a site does, since Slurm hooks
+get no OPENACCT_* variables; ``env`` exports OPENACCT_SPOOL_DIR and OPENACCT_DEFAULT_SYSTEM instead
+(a wrapper script can), which spares the hook parsing TOML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "slurm-22.05-hook-env.jsonl"
+OPENACCT = Path(sys.executable).with_name("openacct")
+TARGET_P50_MS, TARGET_P99_MS = 25.0, 50.0
+CLOSED_BROKER = "redis://127.0.0.1:1/0"
+WARMUP = 5
+
+
+def jobcomp_env() -> dict[str, str]:
+    """A completed job's jobcomp/script environment, exactly as Slurm 22.05 set it."""
+    for line in FIXTURE.read_text().splitlines():
+        record = json.loads(line)
+        if record["hook"] == "jobcomp" and record["variant"] == "with-slurmdbd" and record["env"]["JOBNAME"] == "ok":
+            return record["env"]
+    raise SystemExit(f"no completed jobcomp record in {FIXTURE}")
+
+
+class Broker:
+    """A port that accepts connections and counts them: proof that the hook made none."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            self.connections += 1
+            conn.close()
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
+    return (time.perf_counter() - start) * 1000
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def hook_env(base: dict[str, str], spool: Path, broker_url: str, settings: str) -> dict[str, str]:
+    env = {**base, "OPENACCT_BROKER_URL": broker_url}
+    if settings == "env":
+        return {**env, "OPENACCT_SPOOL_DIR": str(spool), "OPENACCT_DEFAULT_SYSTEM": "lab"}
+    config = spool.parent / f"{spool.name}.toml"
+    config.write_text(f'spool_dir = "{spool}"\ndefault_system = "lab"\nbroker_url = "{broker_url}"\n')
+    return {**env, "OPENACCT_CONFIG": str(config)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200, help="runs per pass (default 200)")
+    parser.add_argument("--settings", choices=("file", "env"), default="file", help="how the hook is configured")
+    args = parser.parse_args()
+
+    broker = Broker()
+    base = jobcomp_env()
+    with tempfile.TemporaryDirectory(prefix="openacct-bench-") as tmp:
+        passes = {f"broker up ({broker.url})": Path(tmp) / "up", f"broker down ({CLOSED_BROKER})": Path(tmp) / "down"}
+        envs = {name: hook_env(base, spool, broker.url if "up" in name else CLOSED_BROKER, args.settings)
+                for name, spool in passes.items()}
+        bare = [sys.executable, "-c", "pass"]
+        hook = [str(OPENACCT), "hook", "slurm-jobcomp"]
+        times: dict[str, list[float]] = {"bare": [], **{name: [] for name in passes}}
+        for i in range(WARMUP + args.runs):  # interleaved: a burst of load hits every series alike
+            samples = {"bare": timed(bare, base), **{name: timed(hook, env) for name, env in envs.items()}}
+            if i >= WARMUP:
+                for name, ms in samples.items():
+                    times[name].append(ms)
+        spooled = sum(len(list((spool / "new").glob("*.json"))) for spool in passes.values())
+        rejects = sum(len(list((spool / "reject").glob("*.reason"))) for spool in passes.values())
+
+    print(f"openacct hook slurm-jobcomp: {args.runs} runs per pass, settings from {args.settings}, {sys.executable}")
+    bare_p50 = percentile(times["bare"], 50)
+    print(f"  {'bare interpreter (python -c pass)':44} p50 {bare_p50:5.1f} ms   p99 {percentile(times['bare'], 99):5.1f} ms")
+    passed = True
+    for name in passes:
+        p50, p99 = percentile(times[name], 50), percentile(times[name], 99)
+        ok = p50 <= TARGET_P50_MS and p99 <= TARGET_P99_MS
+        passed &= ok
+        print(f"  {name:44} p50 {p50:5.1f} ms = {p50 / bare_p50:.1f}x bare interpreter start   "
+              f"p99 {p99:5.1f} ms   {'PASS' if ok else 'FAIL'}")
+    print(f"  targets: p50 <= {TARGET_P50_MS:.0f} ms, p99 <= {TARGET_P99_MS:.0f} ms")
+    expected = len(passes) * (WARMUP + args.runs)
+    print(f"  events spooled {spooled} of {expected}, rejected {rejects}; connections to the broker: {broker.connections}")
+    if spooled != expected or rejects or broker.connections:
+        print("  the hook did not do its job: the timings above mean nothing", file=sys.stderr)
+        return 2
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
