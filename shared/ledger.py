@@ -31,6 +31,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from shared import bulk
 from shared.errors import IdempotencyConflict, InsufficientFunds, InvalidInput, NotFound
 from shared.models import (
     BUCKETS,
@@ -60,16 +61,16 @@ def now() -> dt.datetime:
 
 
 def _request_hash(kind: str, request: dict[str, Any]) -> str:
-    def plain(value: Any) -> Any:
+    """A fingerprint of what was asked, independent of how numbers and times were written."""
+
+    def plain(value: Any) -> str:
         if isinstance(value, Decimal):
-            return money_str(value)
+            return format(value.normalize(), "f")
         if isinstance(value, dt.datetime):
             return value.astimezone(dt.UTC).isoformat()
-        return value
+        return repr(value)
 
-    canonical = json.dumps(
-        {"kind": kind, **{k: plain(v) for k, v in request.items()}}, sort_keys=True, default=str
-    )
+    canonical = "\x1f".join([kind, *(f"{k}={plain(request[k])}" for k in sorted(request))])
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -418,7 +419,7 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
     session.execute(select(Account.id).where(Account.id.in_(account_ids)).order_by(Account.id).with_for_update())
     for key, txn_id, digest in session.execute(
         select(LedgerTransaction.idempotency_key, LedgerTransaction.id, LedgerTransaction.request_hash)
-        .where(LedgerTransaction.idempotency_key.in_([r.key for r, _, _ in priced]))
+        .where(bulk.any_of(LedgerTransaction.idempotency_key, [r.key for r, _, _ in priced]))
     ):
         if digest == by_key[key].request_hash:
             result.transactions[key] = txn_id
@@ -445,18 +446,18 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
             taken.append((None, rest))
         slices[r.key] = taken
 
-    inserted = session.execute(
-        insert(LedgerTransaction).on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(LedgerTransaction.idempotency_key, LedgerTransaction.id),
+    inserted = bulk.insert_rows(
+        session, LedgerTransaction.__table__,
         [
             {"kind": "charge", "idempotency_key": r.key, "request_hash": r.request_hash,
              "amount": amount, "account_id": r.account_id, "service_id": r.service_id,
              "quantity": r.quantity, "rate": rate, "user_id": r.user_id, "job_id": r.job_id,
              "effective_at": r.effective_at, "description": r.description, "actor": r.actor,
-             "details": {"multiplier": money_str(r.multiplier), **r.details}}
+             "details": json.dumps({"multiplier": money_str(r.multiplier), **r.details})}
             for r, rate, amount in todo
         ],
-    ).all()
+        on_conflict="(idempotency_key) DO NOTHING", returning=("idempotency_key", "id"),
+    )
     written = dict(inserted)
     result.transactions.update(written)
     entries = []
@@ -470,7 +471,7 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
                             "amount": amount, "effective_at": r.effective_at})
             totals[(r.account_id, allocation_id)] += amount
     if entries:
-        session.execute(insert(LedgerEntry), entries)
+        bulk.insert_rows(session, LedgerEntry.__table__, entries)
         _add_to_balances(session, {k: {"charged": v} for k, v in totals.items()})
     return result
 
@@ -482,14 +483,9 @@ def _add_to_balances(session: Session, totals: dict[tuple[int, int | None], dict
          **{b: sums.get(b, ZERO) for b in BUCKETS}}
         for (account_id, allocation_id), sums in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
     ]
-    stmt = insert(AccountBalance)
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["account_id", "allocation_id"],
-            set_={b: getattr(AccountBalance, b) + getattr(stmt.excluded, b) for b in BUCKETS},
-        ),
-        rows,
-    )
+    add = ", ".join(f"{b} = account_balances.{b} + excluded.{b}" for b in BUCKETS)
+    bulk.insert_rows(session, AccountBalance.__table__, rows,
+                     on_conflict=f"(account_id, allocation_id) DO UPDATE SET {add}")
 
 
 def _referred_sum(session: Session, txn: LedgerTransaction, kind: str) -> Decimal:

@@ -31,7 +31,7 @@ events_app = typer.Typer(help="The event contracts.", no_args_is_help=True)
 
 def worker(
     name: Annotated[str, typer.Argument(help=f"Which worker: {', '.join(WORKERS)}.")],
-    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 2,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=64, help="Worker processes.")] = 2,
     loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run a worker consuming its own queue (same as celery -A services.NAME.tasks worker -Q NAME)."""

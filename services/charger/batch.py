@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.batches import Outcome
 from services.charger.directory import Directory, SystemInfo, Unresolved
-from shared import ledger
+from shared import bulk, ledger
 from shared.config import get_settings
 from shared.deadletter import Parked, park, raw_bytes
 from shared.events import EventRejected, JobCompleted, JobStarted, parse_event
@@ -60,7 +59,7 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
             outcome.duplicates += 1
         events[event.event_id] = (event, raw)
 
-    seen = set(session.scalars(select(ProcessedEvent.event_id).where(ProcessedEvent.event_id.in_(events))))
+    seen = set(session.scalars(select(ProcessedEvent.event_id).where(bulk.any_of(ProcessedEvent.event_id, events))))
     outcome.duplicates += len(seen)
     fresh = [(e, raw) for event_id, (e, raw) in events.items() if event_id not in seen]
     directory = Directory.load(session, (e for e, _ in fresh))
@@ -201,14 +200,12 @@ def _record_jobs(session: Session, plans: list[Plan]) -> dict[tuple[Any, ...], i
         rows[key] = {**{k: None for k in _JOB_COLUMNS}, **values}
     if not rows:
         return {}
-    stmt = insert(Job)
-    update = {c: stmt.excluded[c] for c in _JOB_COLUMNS if c not in JOB_KEY}
     # Keep what an earlier event said when a later one does not say it.
-    update = {c: func.coalesce(stmt.excluded[c], getattr(Job, c)) for c in update}
-    result = session.execute(
-        stmt.on_conflict_do_update(index_elements=list(JOB_KEY), set_=update)
-        .returning(Job.id, *(getattr(Job, k) for k in JOB_KEY)),
-        list(rows.values()),
+    keep = ", ".join(f"{c} = COALESCE(excluded.{c}, jobs.{c})" for c in _JOB_COLUMNS if c not in JOB_KEY)
+    result = bulk.insert_rows(
+        session, Job.__table__, list(rows.values()),
+        on_conflict=f"({', '.join(JOB_KEY)}) DO UPDATE SET {keep}",
+        returning=("id", *JOB_KEY),
     )
     return {tuple(row[1:]): row[0] for row in result}
 
@@ -222,8 +219,8 @@ _JOB_COLUMNS = ("system_id", "job_id", "array_job_id", "array_task_id", "het_off
 def _claim(session: Session, plans: list[Plan]) -> set[str]:
     if not plans:
         return set()
-    return set(session.scalars(
-        insert(ProcessedEvent).on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(ProcessedEvent.event_id),
+    return {row[0] for row in bulk.insert_rows(
+        session, ProcessedEvent.__table__,
         [{"event_id": p.event.event_id, "kind": p.event.kind} for p in plans],
-    ))
+        on_conflict="(event_id) DO NOTHING", returning=("event_id",),
+    )}
