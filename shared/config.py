@@ -19,8 +19,16 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from shared.hookconfig import config_path as config_file
-from shared.hookconfig import default_data_dir
+from shared import hookconfig
+
+
+def config_file() -> Path | None:
+    path = hookconfig.config_path()
+    return Path(path) if path else None
+
+
+def default_data_dir() -> Path:
+    return Path(hookconfig.default_data_dir())
 
 
 class Settings(BaseSettings):

@@ -9,7 +9,13 @@ EpilogSlurmctld) use the job's start time instead, marked so it cannot collide w
 
 from __future__ import annotations
 
-import hashlib
+try:  # the C module alone: hashlib would load OpenSSL, milliseconds on every hook run
+    from _sha256 import sha256  # Python 3.11
+except ImportError:  # pragma: no cover - other Pythons
+    try:
+        from _sha2 import sha256  # type: ignore[no-redef]  # Python 3.12+
+    except ImportError:
+        from hashlib import sha256
 
 ID_LENGTH = 32
 
@@ -37,5 +43,5 @@ def job_event_id(
         "" if het_offset is None else str(het_offset),
         when,
     )
-    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:ID_LENGTH]
+    digest = sha256("\x1f".join(parts).encode()).hexdigest()[:ID_LENGTH]
     return f"{kind}:{digest}"

@@ -3,44 +3,70 @@
 Hooks run with an almost empty environment (no OPENACCT_* variables, no HOME) and must start in
 milliseconds, so they cannot use ``shared.config`` (pydantic). This module reads the same sources
 by the same rules: ``OPENACCT_*`` variables first, then the TOML file named by ``OPENACCT_CONFIG``
-or ``/etc/openacct/openacct.toml``.
+or ``/etc/openacct/openacct.toml``. Paths are plain strings: pathlib costs a hook milliseconds.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-DEFAULT_CONFIG_FILE = Path("/etc/openacct/openacct.toml")
+DEFAULT_CONFIG_FILE = "/etc/openacct/openacct.toml"
 # Where a daemon account without a home keeps OpenAcct's files.
-SYSTEM_DATA_DIR = Path("/var/lib/openacct")
+SYSTEM_DATA_DIR = "/var/lib/openacct"
+HOOK_KEYS = ("spool_dir", "default_system", "data_dir")
 
 
-def config_path() -> Path | None:
+def config_path() -> str | None:
     named = os.environ.get("OPENACCT_CONFIG")
     if named:
-        return Path(named)
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+        return named
+    return DEFAULT_CONFIG_FILE if os.path.isfile(DEFAULT_CONFIG_FILE) else None
 
 
-def default_data_dir() -> Path:
+def default_data_dir() -> str:
     base = os.environ.get("XDG_DATA_HOME")
     if base:
-        return Path(base) / "openacct"
-    try:
-        return Path.home() / ".local" / "share" / "openacct"
-    except RuntimeError:  # no HOME and no passwd entry
+        return os.path.join(base, "openacct")
+    home = os.path.expanduser("~")
+    if home == "~" or not os.path.isabs(home):  # no HOME and no passwd entry
         return SYSTEM_DATA_DIR
+    return os.path.join(home, ".local", "share", "openacct")
+
+
+def _simple_strings(text: str) -> dict[str, str] | None:
+    """The top-level ``key = "value"`` lines of a config, or None if the file holds anything a
+    line reader could get wrong (then tomllib reads it). tomllib alone costs ~10 ms per hook."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            break  # tables come after the top-level keys
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            return None
+        if key not in HOOK_KEYS:
+            continue
+        if len(value) < 2 or value[0] != '"' or value[-1] != '"' or '"' in value[1:-1] or "\\" in value:
+            return None
+        found[key] = value[1:-1]
+    return found
 
 
 def read_file_settings() -> dict[str, object]:
     path = config_path()
     if path is None:
         return {}
-    import tomllib  # only when there is a file: it costs milliseconds
-
     with open(path, "rb") as f:
-        return tomllib.load(f)
+        data = f.read()
+    simple = _simple_strings(data.decode("utf-8"))
+    if simple is not None:
+        return dict(simple)
+    import tomllib
+
+    return tomllib.loads(data.decode("utf-8"))
 
 
 class HookSettings:
@@ -55,6 +81,6 @@ class HookSettings:
             value = env.get(f"OPENACCT_{name.upper()}") or file.get(name)
             return str(value) if value not in (None, "") else None
 
-        data_dir = Path(setting("data_dir") or default_data_dir())
-        self.spool_dir = Path(setting("spool_dir") or data_dir / "spool")
+        data_dir = setting("data_dir") or default_data_dir()
+        self.spool_dir: str = setting("spool_dir") or os.path.join(data_dir, "spool")
         self.default_system = setting("default_system")

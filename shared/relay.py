@@ -63,18 +63,19 @@ class Relay:
         if not paths:
             return 0
         by_queue: dict[str, list[Any]] = defaultdict(list)
-        done: list[Path] = []
+        done: list[str] = []
         for path in paths:
             try:
-                if path.stat().st_size > spool.MAX_EVENT_BYTES:
-                    spool.reject(self.spool_dir, path.read_bytes()[: spool.MAX_EVENT_BYTES],
-                                 f"event of {path.stat().st_size} bytes is larger than "
-                                 f"{spool.MAX_EVENT_BYTES}; first bytes kept", "relay")
-                    path.unlink()
-                    continue
-                raw = path.read_bytes()
+                with open(path, "rb") as f:
+                    raw = f.read(spool.MAX_EVENT_BYTES + 1)
             except FileNotFoundError:
                 continue  # another relay on this spool took it: harmless, the inbox dedupes
+            if len(raw) > spool.MAX_EVENT_BYTES:
+                spool.reject(self.spool_dir, raw[: spool.MAX_EVENT_BYTES],
+                             f"event of {os.path.getsize(path)} bytes is larger than "
+                             f"{spool.MAX_EVENT_BYTES}; first bytes kept", "relay")
+                os.unlink(path)
+                continue
             queue, item = message_item(raw)
             by_queue[queue].append(item)
             done.append(path)
@@ -83,7 +84,7 @@ class Relay:
                                retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
         for path in done:
             try:
-                path.unlink()
+                os.unlink(path)
             except FileNotFoundError:
                 pass
         self.shipped += len(done)

@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
+
+# Paths are plain strings: pathlib costs a hook several milliseconds to import.
+PathLike = str | os.PathLike[str]
 
 TMP, NEW, REJECT = "tmp", "new", "reject"
 # An event is a few hundred bytes; anything near this is not one.
 MAX_EVENT_BYTES = 256 * 1024
 
 
-def ensure(spool_dir: Path) -> None:
+def ensure(spool_dir: PathLike) -> None:
     for part in (TMP, NEW, REJECT):
-        (spool_dir / part).mkdir(parents=True, exist_ok=True, mode=0o770)
+        os.makedirs(os.path.join(spool_dir, part), mode=0o770, exist_ok=True)
 
 
-def _durable_write(directory: Path, name: str, data: bytes, tmp_dir: Path) -> Path:
-    tmp = tmp_dir / f"{name}.{os.getpid()}.tmp"
+def durable_write(directory: str, name: str, data: bytes, tmp_dir: str) -> str:
+    """Write ``data`` as ``directory/name`` so that it is whole or absent after a crash."""
+    tmp = os.path.join(tmp_dir, f"{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         view = memoryview(data)
@@ -34,7 +37,7 @@ def _durable_write(directory: Path, name: str, data: bytes, tmp_dir: Path) -> Pa
         os.fsync(fd)
     finally:
         os.close(fd)
-    final = directory / name
+    final = os.path.join(directory, name)
     os.rename(tmp, final)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
@@ -48,36 +51,42 @@ def _safe(event_id: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in event_id)[:120]
 
 
-def write(spool_dir: Path, event_id: str, data: bytes) -> Path:
+def write(spool_dir: PathLike, event_id: str, data: bytes) -> str:
     """Spool one event durably; returns its path in ``new/``."""
+    spool_dir = os.fspath(spool_dir)
+    name = f"{time.time_ns():020d}-{_safe(event_id)}.json"
+    new, tmp = os.path.join(spool_dir, NEW), os.path.join(spool_dir, TMP)
     try:
-        return _durable_write(spool_dir / NEW, f"{time.time_ns():020d}-{_safe(event_id)}.json", data, spool_dir / TMP)
+        return durable_write(new, name, data, tmp)
     except FileNotFoundError:
         ensure(spool_dir)
-        return _durable_write(spool_dir / NEW, f"{time.time_ns():020d}-{_safe(event_id)}.json", data, spool_dir / TMP)
+        return durable_write(new, name, data, tmp)
 
 
-def reject(spool_dir: Path, raw: bytes, reason: str, source: str) -> Path:
+def reject(spool_dir: PathLike, raw: bytes, reason: str, source: str) -> str:
     """Keep input that is not an event, exactly as received, beside a note of why."""
+    spool_dir = os.fspath(spool_dir)
     ensure(spool_dir)
     stem = f"{time.time_ns():020d}-{os.getpid()}-{_safe(source)}"
-    _durable_write(spool_dir / REJECT, f"{stem}.reason", f"{source}: {reason}\n".encode(), spool_dir / TMP)
-    return _durable_write(spool_dir / REJECT, f"{stem}.raw", raw, spool_dir / TMP)
+    rejected, tmp = os.path.join(spool_dir, REJECT), os.path.join(spool_dir, TMP)
+    durable_write(rejected, f"{stem}.reason", f"{source}: {reason}\n".encode(), tmp)
+    return durable_write(rejected, f"{stem}.raw", raw, tmp)
 
 
-def pending(spool_dir: Path, limit: int) -> list[Path]:
+def pending(spool_dir: PathLike, limit: int) -> list[str]:
     """Up to ``limit`` spooled events, oldest first."""
+    new = os.path.join(spool_dir, NEW)
     try:
-        names = sorted(e.name for e in os.scandir(spool_dir / NEW) if e.name.endswith(".json"))
+        names = sorted(e.name for e in os.scandir(new) if e.name.endswith(".json"))
     except FileNotFoundError:
         return []
-    return [spool_dir / NEW / n for n in names[:limit]]
+    return [os.path.join(new, n) for n in names[:limit]]
 
 
-def backlog(spool_dir: Path) -> tuple[int, float]:
+def backlog(spool_dir: PathLike) -> tuple[int, float]:
     """How many events wait, and the age in seconds of the oldest."""
     try:
-        names = [e.name for e in os.scandir(spool_dir / NEW) if e.name.endswith(".json")]
+        names = [e.name for e in os.scandir(os.path.join(spool_dir, NEW)) if e.name.endswith(".json")]
     except FileNotFoundError:
         return 0, 0.0
     if not names:

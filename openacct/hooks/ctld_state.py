@@ -8,33 +8,35 @@ checked by ``slurm_values`` before they get here.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from openacct.hooks.job_event import BadInput
 from shared import spool
-from shared.spool import _durable_write  # the spool's own fsync-rename-fsync step, not a second copy of it
 
 STATE = "state"
 
 
-def _name(system: str, job_id: str, array_task_id: int | None) -> str:
-    return f"{system}-{job_id}" + ("" if array_task_id is None else f"_{array_task_id}")
+def _path(spool_dir: spool.PathLike, system: str, job_id: str, array_task_id: int | None) -> str:
+    name = f"{system}-{job_id}" + ("" if array_task_id is None else f"_{array_task_id}")
+    return os.path.join(spool_dir, STATE, name)
 
 
-def record_start(spool_dir: Path, system: str, job_id: str, array_task_id: int | None, start: int) -> None:
-    name, data = _name(system, job_id, array_task_id), f"{start}\n".encode()
+def record_start(spool_dir: spool.PathLike, system: str, job_id: str, array_task_id: int | None, start: int) -> None:
+    path, data = _path(spool_dir, system, job_id, array_task_id), f"{start}\n".encode()
+    tmp = os.path.join(spool_dir, spool.TMP)
     try:
-        _durable_write(spool_dir / STATE, name, data, spool_dir / spool.TMP)
+        spool.durable_write(os.path.dirname(path), os.path.basename(path), data, tmp)
     except FileNotFoundError:  # the first job on a new spool
         spool.ensure(spool_dir)
-        (spool_dir / STATE).mkdir(exist_ok=True, mode=0o770)
-        _durable_write(spool_dir / STATE, name, data, spool_dir / spool.TMP)
+        os.makedirs(os.path.dirname(path), mode=0o770, exist_ok=True)
+        spool.durable_write(os.path.dirname(path), os.path.basename(path), data, tmp)
 
 
-def recorded_start(spool_dir: Path, system: str, job_id: str, array_task_id: int | None) -> int | None:
-    path = spool_dir / STATE / _name(system, job_id, array_task_id)
+def recorded_start(spool_dir: spool.PathLike, system: str, job_id: str, array_task_id: int | None) -> int | None:
+    path = _path(spool_dir, system, job_id, array_task_id)
     try:
-        content = path.read_bytes().strip()
+        with open(path, "rb") as f:
+            content = f.read().strip()
     except FileNotFoundError:
         return None
     if not content.isdigit():
@@ -42,5 +44,8 @@ def recorded_start(spool_dir: Path, system: str, job_id: str, array_task_id: int
     return int(content)
 
 
-def forget(spool_dir: Path, system: str, job_id: str, array_task_id: int | None) -> None:
-    (spool_dir / STATE / _name(system, job_id, array_task_id)).unlink(missing_ok=True)
+def forget(spool_dir: spool.PathLike, system: str, job_id: str, array_task_id: int | None) -> None:
+    try:
+        os.unlink(_path(spool_dir, system, job_id, array_task_id))
+    except FileNotFoundError:
+        pass

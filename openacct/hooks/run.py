@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 from openacct.hooks import ctld_state, slurm
 from openacct.hooks.job_event import BadInput, encode
@@ -33,7 +32,7 @@ def run(hook: str, environ: Mapping[bytes, bytes]) -> int:
     return 0
 
 
-def _spool_event(hook: str, env: dict[str, str], now: int, spool_dir: Path, default_system: str | None) -> None:
+def _spool_event(hook: str, env: dict[str, str], now: int, spool_dir: str, default_system: str | None) -> None:
     if hook == "slurm-jobcomp":
         event = slurm.jobcomp_event(env, now, default_system)
     elif hook == "slurm-prologctld":
@@ -65,11 +64,11 @@ def _raw(environ: Mapping[bytes, bytes]) -> bytes:
         return b"".join(k + b"=" + v + b"\0" for k, v in environ.items())
 
 
-def _reject(hook: str, spool_dir: Path | None, environ: Mapping[bytes, bytes], reason: str) -> None:
+def _reject(hook: str, spool_dir: str | None, environ: Mapping[bytes, bytes], reason: str) -> None:
     reason = " ".join(reason.split())  # one line, whatever an exception said
     try:
         # Without settings (an unreadable config file) the spool is where they would default to.
-        spool_dir = spool_dir or Path(os.environ.get("OPENACCT_SPOOL_DIR") or default_data_dir() / "spool")
+        spool_dir = spool_dir or os.environ.get("OPENACCT_SPOOL_DIR") or os.path.join(default_data_dir(), "spool")
         where = f"input kept in {spool.reject(spool_dir, _raw(environ), reason, hook)}"
     except Exception as exc:
         where = f"and the input could not be kept: {type(exc).__name__}: {exc}"
