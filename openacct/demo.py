@@ -1,31 +1,42 @@
-"""``openacct demo``: a small center, funded and charged, on a database of its own.
+"""``openacct demo``: the whole pipeline on this machine, with nothing installed system-wide.
 
-The demo never touches the configured database's data: it (re)creates a database named
-``openacct_demo`` beside it, or on the embedded PostgreSQL when none is configured.
+It starts the embedded servers (or uses the configured ones), a relay and a charger worker,
+loads the quick-start center with deposits, runs a synthetic day of Slurm jobs through the real
+``openacct hook slurm-jobcomp`` command, waits until every event is charged or parked, and
+prints the balances. It never touches the configured database's data: it (re)creates a database
+named ``openacct_demo`` beside it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import random
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 from rich.console import Console
-from sqlalchemy import make_url
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy import func, make_url, select
 
 from shared import config, db
 from shared.embedded import ensure_database
 
 DEMO_DATABASE = "openacct_demo"
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+JOBS = 400
+# (state, weight): a day on a busy cluster, with a few jobs OpenAcct must refuse to charge.
+STATES = [("COMPLETED", 76), ("FAILED", 9), ("TIMEOUT", 5), ("CANCELLED", 5), ("NODE_FAIL", 3),
+          ("OUT_OF_MEMORY", 2)]
 console = Console(highlight=False)
 
 
-def _demo_database_url() -> str:
-    settings = config.get_settings()
+def _demo_database_url(settings: config.Settings) -> str:
     if settings.database_url:
         server = make_url(settings.database_url).set(drivername="postgresql")
     else:
@@ -39,9 +50,56 @@ def _demo_database_url() -> str:
     return server.set(database=DEMO_DATABASE).render_as_string(hide_password=False)
 
 
+def _openacct() -> str:
+    beside = Path(sys.executable).with_name("openacct")
+    return str(beside) if beside.exists() else (shutil.which("openacct") or "openacct")
+
+
+def _day_of_jobs(now: int) -> list[dict[str, str]]:
+    rng = random.Random(2026)
+    people = [("bob", "phys"), ("tux", "phys"), ("sue", "chem"), ("tux", "chem")]
+    jobs = []
+    for n in range(JOBS):
+        user, account = rng.choice(people)
+        state = rng.choices([s for s, _ in STATES], [w for _, w in STATES])[0]
+        cpus = rng.choice([1, 2, 4, 8, 16, 32, 64, 128])
+        seconds = rng.randint(60, 12 * 3600)
+        end = now - rng.randint(60, 20 * 3600)
+        start = end - seconds if state != "CANCELLED" or rng.random() < 0.5 else end  # some never ran
+        jobs.append(_jobcomp_env(1000 + n, user, account, cpus, start, end, state))
+    # What a real day also brings: a user OpenAcct has never heard of, an account that does not exist.
+    jobs.append(_jobcomp_env(9001, "mallory", "phys", 4, now - 7200, now - 3600, "COMPLETED"))
+    jobs.append(_jobcomp_env(9002, "tux", "astro", 4, now - 7200, now - 3600, "COMPLETED"))
+    return jobs
+
+
+def _jobcomp_env(job_id: int, user: str, account: str, cpus: int, start: int, end: int, state: str) -> dict[str, str]:
+    ran = end > start
+    return {"JOBID": str(job_id), "ARRAYJOBID": "0", "ARRAYTASKID": "4294967294", "USERNAME": user,
+            "ACCOUNT": account, "PARTITION": "batch", "QOS": "normal", "CLUSTER": "cluster",
+            "JOBNAME": f"job{job_id}", "JOBSTATE": state, "EXITCODE": "1:0" if state == "FAILED" else "0:0",
+            "SUBMIT": str(start - 120), "START": str(start), "END": str(end),
+            "NODECNT": "1" if ran else "0", "PROCS": str(cpus if ran else 0), "NODES": "c01" if ran else "",
+            "LIMIT": "12:00:00", "BATCH": "yes", "UID": "1000", "GID": "1000"}
+
+
 def run() -> None:
     started = time.monotonic()
-    os.environ["OPENACCT_DATABASE_URL"] = _demo_database_url()
+    settings = config.get_settings()
+    demo_dir = settings.data_dir / "demo"
+    shutil.rmtree(demo_dir, ignore_errors=True)
+    demo_dir.mkdir(parents=True)
+    url = _demo_database_url(settings)
+    broker = settings.broker_url
+    embedded_redis = None
+    if broker is None:
+        from shared.embedded import EmbeddedRedis
+
+        embedded_redis = EmbeddedRedis(demo_dir / "redis")  # lives while this process does
+        broker = embedded_redis.url
+    env = {**os.environ, "OPENACCT_DATABASE_URL": url, "OPENACCT_BROKER_URL": broker,
+           "OPENACCT_SPOOL_DIR": str(demo_dir / "spool"), "OPENACCT_RELAY_BATCH_SIZE": "200"}
+    os.environ.update(env)
     config.get_settings.cache_clear()
     db.database_url.cache_clear()
     db.engine.cache_clear()
@@ -49,42 +107,77 @@ def run() -> None:
     from openacct import shortcuts as sc
     from openacct.cli import run as cli
     from shared.migrate import upgrade
+    from shared.models import LedgerTransaction, ParkedEvent, ProcessedEvent
 
-    console.print(f"[bold]1.[/] schema: revision {upgrade(db.engine())} on database {DEMO_DATABASE}")
+    console.print(f"[bold]1.[/] schema at revision {upgrade(db.engine())} in database {DEMO_DATABASE}; "
+                  f"broker {broker.split('://')[0]}")
     namespace = {name: getattr(sc, name) for name in sc.__all__}
     with db.session_scope():
         exec(compile(QUICKSTART.read_text(), str(QUICKSTART), "exec"), namespace)
-    console.print("[bold]2.[/] quick-start center loaded: system cluster, core-hours at 0.05, "
-                  "projects phys (bob, tux) and chem (sue, tux)")
+        year_start = dt.datetime(dt.datetime.now(dt.UTC).year, 1, 1, tzinfo=dt.UTC)
+        sc.deposit("phys", "5000", start=year_start, key="demo-phys")
+        sc.deposit("chem", "3000", start=year_start, key="demo-chem")
+    console.print("[bold]2.[/] quick-start center loaded; phys funded with 5000, chem with 3000")
 
-    now = dt.datetime.now(dt.UTC)
-    year = dict(start=dt.datetime(now.year, 1, 1, tzinfo=dt.UTC),
-                end=dt.datetime(now.year + 1, 1, 1, tzinfo=dt.UTC))
-    with db.session_scope():
-        sc.deposit("phys", "1000", **year, key="demo-deposit-phys")
-        sc.deposit("chem", "500", **year, credit_limit="50", key="demo-deposit-chem")
-        jobs = [("1001", "tux", "phys", 16, 3.5, "COMPLETED"), ("1002", "bob", "phys", 64, 12.0, "COMPLETED"),
-                ("1003", "sue", "chem", 8, 0.75, "FAILED"), ("1004", "tux", "chem", 128, 20.25, "TIMEOUT")]
-        charges = {}
-        for job_id, user, account, cpus, hours, state in jobs:
-            end = now - dt.timedelta(hours=1)
-            start = end - dt.timedelta(hours=hours)
-            job = sc.record_job("cluster", job_id, submit_time=start - dt.timedelta(minutes=5),
-                                user=user, account=account, start_time=start, end_time=end,
-                                cpus=cpus, state=state, partition="batch")
-            core_hours = f"{cpus * hours:.2f}"
-            charges[job_id] = sc.charge(account, "cluster-core-hours", core_hours, user=user,
-                                        job=job, effective_at=end, key=f"demo-job-{job_id}")
-        sc.refund(charges["1003"], reason="node failure on c03", key="demo-refund-1003")
-        sc.transfer("phys", "chem", "100", key="demo-transfer", description="help chem through the year")
-    console.print("[bold]3.[/] deposits of 1000 (phys) and 500 (chem); four jobs charged; "
-                  "job 1003 refunded; 100 moved from phys to chem")
+    logs = demo_dir / "logs"
+    logs.mkdir()
+    openacct = _openacct()
+    processes = [
+        subprocess.Popen([openacct, "worker", "charger", "-c", "2", "--loglevel", "warning"], env=env,
+                         stdout=open(logs / "charger.log", "wb"), stderr=subprocess.STDOUT),
+        subprocess.Popen([openacct, "relay"], env=env, stdout=open(logs / "relay.log", "wb"),
+                         stderr=subprocess.STDOUT),
+    ]
+    console.print(f"[bold]3.[/] charger worker and relay started (logs in {logs})")
+    try:
+        jobs = _day_of_jobs(int(time.time()))
+        hook_env = {"PATH": "/usr/bin:/bin", "OPENACCT_SPOOL_DIR": env["OPENACCT_SPOOL_DIR"],
+                    "OPENACCT_CONFIG": os.devnull}
+        pushed = time.monotonic()
+        with _progress() as progress:
+            task = progress.add_task("jobs through openacct hook slurm-jobcomp", total=len(jobs))
+            for job in jobs:
+                subprocess.run([openacct, "hook", "slurm-jobcomp"], env={**hook_env, **job}, check=True,
+                               stdout=subprocess.DEVNULL)
+                progress.advance(task)
+            task = progress.add_task("events charged or parked", total=len(jobs))
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                with db.session_scope() as s:
+                    done = (s.scalar(select(func.count()).select_from(ProcessedEvent))
+                            + s.scalar(select(func.count()).select_from(ParkedEvent)))
+                progress.update(task, completed=done)
+                if done >= len(jobs):
+                    break
+                time.sleep(0.2)
+        took = time.monotonic() - pushed
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+        if embedded_redis is not None:
+            embedded_redis.close()
 
-    console.print("[bold]4.[/] balances ([italic]openacct balance[/]):")
+    with db.session_scope() as s:
+        charged = s.scalar(select(func.count(func.distinct(LedgerTransaction.job_id)))
+                           .where(LedgerTransaction.kind == "charge"))
+        recorded = s.scalar(select(func.count()).select_from(ProcessedEvent))
+        parked = s.execute(select(ParkedEvent.reason)).scalars().all()
+    console.print(f"[bold]4.[/] {len(jobs)} jobs: {charged} charged, {recorded - charged} recorded without "
+                  f"charge (node failures, never ran), {len(parked)} parked, in {took:.1f} s from first hook "
+                  "to last charge")
+    for reason in parked:
+        console.print(f"   parked: {reason}")
+    console.print("[bold]5.[/] balances ([italic]openacct balance[/]):")
     cli(["balance"])
-    console.print("[bold]5.[/] ledger ([italic]openacct transactions[/]):")
-    cli(["transactions"])
     status = cli(["ledger", "verify"])
-    console.print(f"demo finished in {time.monotonic() - started:.1f} s")
+    console.print(f"demo finished in {time.monotonic() - started:.1f} s; try [italic]openacct deadletter list[/] "
+                  "or [italic]openacct job show 1001[/] with OPENACCT_DATABASE_URL set to the demo database")
     if status:
         raise SystemExit(status)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)

@@ -59,5 +59,6 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis+socket://{self._server.socket_file}"
 
-    def shutdown(self) -> None:
-        self._server.shutdown()
+    def close(self) -> None:
+        """Stop the server if no other process still uses it."""
+        self._server._cleanup()
