@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from shared.events import MAX_EVENT_BYTES
 from shared.models import ParkedEvent
+
+# A payload bigger than any event is kept in part: its first bytes tell what it was.
+MAX_PAYLOAD_BYTES = MAX_EVENT_BYTES
 
 
 @dataclass(frozen=True)
@@ -33,10 +37,27 @@ def raw_bytes(item: str | bytes | dict[str, str]) -> bytes:
         try:
             return base64.b64decode(item["b64"], validate=True)
         except ValueError:
-            return item["b64"].encode()
+            return _encode(item["b64"])
     if isinstance(item, str):
-        return item.encode("utf-8", "surrogateescape")
+        return _encode(item)
     return repr(item).encode()
+
+
+def _encode(text: str) -> bytes:
+    # surrogateescape gives back the bytes of a payload decoded with it (``deadletter replay``);
+    # other lone surrogates (a JSON "\ud800" in a broker message) become bytes that are not UTF-8.
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _clean(text: str | None, limit: int) -> str | None:
+    """Text PostgreSQL can store (no NUL, no lone surrogate) within its column's length."""
+    if text is None:
+        return None
+    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:limit]
 
 
 def park(session: Session, items: list[Parked]) -> int:
@@ -44,6 +65,7 @@ def park(session: Session, items: list[Parked]) -> int:
     a hook that fires twice must not make two dead letters to replay."""
     if not items:
         return 0
+    items = [_storable(p) for p in items]
     ids = [p.event_id for p in items if p.event_id]
     known = set()
     if ids:
@@ -56,8 +78,18 @@ def park(session: Session, items: list[Parked]) -> int:
         if p.event_id and ((p.event_id, p.reason) in known or (p.event_id, p.reason) in seen):
             continue
         seen.add((p.event_id, p.reason))
-        rows.append({"event_id": p.event_id, "kind": p.kind, "reason": p.reason[:4000],
+        rows.append({"event_id": p.event_id, "kind": p.kind, "reason": p.reason,
                      "payload": p.raw, "source": p.source})
     if rows:
         session.execute(insert(ParkedEvent), rows)
     return len(rows)
+
+
+def _storable(p: Parked) -> Parked:
+    """Hostile input must not fail the insert that parks it (and with it the whole batch)."""
+    raw, reason = p.raw, p.reason
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raw = raw[:MAX_PAYLOAD_BYTES]
+        reason = f"{reason[:3800]} (payload of {len(p.raw)} bytes truncated to its first {MAX_PAYLOAD_BYTES})"
+    return Parked(raw, _clean(reason, 4000) or "", _clean(p.event_id, 200), _clean(p.kind, 64),
+                  _clean(p.source, 1000) or "")

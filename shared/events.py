@@ -30,6 +30,9 @@ SCHEMA_VERSION = 1
 # Clocks on cluster nodes drift; an event this far in the future is still plausible.
 CLOCK_SKEW = dt.timedelta(minutes=10)
 LONGEST_JOB = dt.timedelta(days=400)
+# An event is a few hundred bytes. The relay refuses bigger spool files with the same limit
+# (``shared.spool.MAX_EVENT_BYTES``); the charger refuses them from any other way in.
+MAX_EVENT_BYTES = 256 * 1024
 
 JOB_STATES = (
     "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
@@ -180,6 +183,9 @@ class EventRejected(ValueError):
 
 def parse_event(raw: bytes | str) -> AnyEvent:
     """Validate one raw event, or raise ``EventRejected`` with the precise reason."""
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > MAX_EVENT_BYTES:
+        raise EventRejected(f"event of {size} bytes is larger than the {MAX_EVENT_BYTES} bytes an event may have")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -195,8 +201,15 @@ def describe(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors(include_url=False)[:5]:
         where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("job.", "refund.", "report.")))
-        if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
-            problems.append(f"kind must be one of {', '.join(KINDS)}")
+        if err["type"] == "union_tag_not_found":
+            problems.append(f"kind is missing: it must be one of {', '.join(KINDS)}")
+            continue
+        if err["type"] == "union_tag_invalid":
+            tag = str(err.get("ctx", {}).get("tag", ""))
+            problems.append(f"unknown kind {tag[:64]!r}: kind must be one of {', '.join(KINDS)}")
+            continue
+        if err["type"] == "dict_type" and not where:
+            problems.append(f"an event must be a JSON object, not {_json_type(err.get('input'))}")
             continue
         if err["type"] == "literal_error" and where == "schema_version":
             problems.append(f"unsupported schema_version {err.get('input')!r} (this OpenAcct reads {SCHEMA_VERSION})")
@@ -204,6 +217,16 @@ def describe(exc: ValidationError) -> str:
         message = err["msg"].removeprefix("Value error, ")
         problems.append(f"{where}: {message}" if where else message)
     return "; ".join(problems)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "a list"}.get(type(value), type(value).__name__)
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

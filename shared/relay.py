@@ -39,7 +39,7 @@ def message_item(raw: bytes) -> tuple[str, Any]:
         return "charger", {"b64": base64.b64encode(raw).decode()}
     try:
         kind = json.loads(text).get("kind")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # the charger parks it with the reason
         kind = None
     return ROUTES.get(kind, "charger") if isinstance(kind, str) else "charger", text
 

@@ -47,15 +47,15 @@ class RedisServer:
 
 
 class Process:
-    """An ``openacct`` subprocess in its own process group, logging to a file."""
+    """An ``openacct`` (or other) subprocess in its own process group, logging to a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.env, self.log = args, env, log
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, program: str = OPENACCT) -> None:
+        self.args, self.env, self.log, self.program = args, env, log, program
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
         with open(self.log, "ab") as out:
-            self.popen = subprocess.Popen([OPENACCT, *self.args], env=self.env, stdout=out,
+            self.popen = subprocess.Popen([self.program, *self.args], env=self.env, stdout=out,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         return self
 

