@@ -78,9 +78,9 @@ def events(first: int, count: int) -> list[bytes]:
 
 def wait_until(url: str, total: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while processed(url) < total:
+    while (done := processed(url)) < total:
         if time.monotonic() > deadline:
-            raise SystemExit(f"timed out: {processed(url)} of {total} events processed")
+            raise SystemExit(f"timed out: {done} of {total} events processed")
         time.sleep(0.02)
 
 
@@ -106,9 +106,11 @@ def run_openacct(url: str, env: dict[str, str], tmp: Path, count: int) -> float:
 
 
 def run_naive(url: str, env: dict[str, str], tmp: Path, count: int) -> float:
+    from shared import config
     from tests.pipeline import OPENACCT, Process
 
     os.environ.update(env)
+    config.get_settings.cache_clear()  # the broker URL changed since the settings were first read
     from bench.naive_tasks import app
 
     before = processed(url)
@@ -118,7 +120,10 @@ def run_naive(url: str, env: dict[str, str], tmp: Path, count: int) -> float:
     worker = Process(["-A", "bench.naive_tasks", "worker", "-Q", "naive", "-c", "2", "--loglevel", "warning",
                       "--without-gossip", "--without-mingle"], env, tmp / "naive.log", program=celery).start()
     try:
+        deadline = time.monotonic() + 60
         while processed(url) == before:  # timed from the first event applied: start-up excluded
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the naive worker applied nothing in 60 s; see {tmp / 'naive.log'}")
             time.sleep(0.01)
         started = time.monotonic()
         first = processed(url)

@@ -100,9 +100,14 @@ def _check_key(key: str | None) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _lock_accounts(session: Session, *accounts: Account) -> None:
-    ids = sorted({a.id for a in accounts})
-    session.execute(select(Account.id).where(Account.id.in_(ids)).order_by(Account.id).with_for_update())
+def _lock_accounts(session: Session, *accounts: Account | int) -> None:
+    """Serialize the ledger's writers per account, in id order so that two cannot deadlock.
+
+    FOR NO KEY UPDATE, not FOR UPDATE: inserting a row that references an account (a job, an
+    entry) takes a KEY SHARE lock on it, which FOR UPDATE would wait for, deadlocking two
+    charger batches that each recorded jobs before charging them."""
+    ids = sorted({a if isinstance(a, int) else a.id for a in accounts})
+    session.execute(select(Account.id).where(Account.id.in_(ids)).order_by(Account.id).with_for_update(key_share=True))
 
 
 @dataclass(frozen=True)
@@ -416,7 +421,7 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
         priced.append((r, table[i - 1], round_money(r.quantity * table[i - 1] * r.multiplier)))
 
     account_ids = sorted({r.account_id for r, _, _ in priced})
-    session.execute(select(Account.id).where(Account.id.in_(account_ids)).order_by(Account.id).with_for_update())
+    _lock_accounts(session, *account_ids)
     for key, txn_id, digest in session.execute(
         select(LedgerTransaction.idempotency_key, LedgerTransaction.id, LedgerTransaction.request_hash)
         .where(bulk.any_of(LedgerTransaction.idempotency_key, [r.key for r, _, _ in priced]))
