@@ -8,10 +8,13 @@ without it, an embedded PostgreSQL is started in a temporary directory.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -108,3 +111,55 @@ def quickstart(db_connection: Connection) -> None:
 
     namespace = {name: getattr(shortcuts, name) for name in shortcuts.__all__}
     exec(compile(QUICKSTART.read_text(), str(QUICKSTART), "exec"), namespace)
+
+
+@pytest.fixture
+def center(committed: Engine) -> Engine:
+    """The quick-start center, committed for worker processes to see, with phys and chem funded."""
+    from openacct import shortcuts
+
+    with db.session_scope():
+        exec(QUICKSTART.read_text(), {n: getattr(shortcuts, n) for n in shortcuts.__all__})
+        shortcuts.deposit("phys", "1000", start="2000-01-01")
+        shortcuts.deposit("chem", "1000", start="2000-01-01")
+    return committed
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Any]:
+    """A real Redis server of this test's own, on a unix socket."""
+    from tests.pipeline import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+Cli = Callable[..., Result]
+
+
+@pytest.fixture
+def cli(quickstart: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """``openacct`` in-process on the quick-start center: exit code, stdout, stderr; never a traceback."""
+    from openacct.cli import run
+
+    monkeypatch.delenv("OPENACCT_DEBUG", raising=False)  # run() would re-raise instead of exiting 70
+
+    def invoke(*argv: str) -> Result:
+        code = run(list(argv))
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err, (argv, out, err)
+        return Result(code, out, err)
+
+    return invoke

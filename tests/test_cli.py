@@ -9,55 +9,22 @@ never a traceback, and must write nothing.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Connection, func, select, text
 
-from openacct.cli import run
 from shared.models import Base
+from tests.conftest import Cli, Result
 
 ROOT = Path(__file__).parents[1]
 CORE = "cluster-core-hours"
 UTC = dt.UTC
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-Cli = Callable[..., Result]
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    """OPENACCT_DEBUG makes ``run`` re-raise unexpected errors; these tests want the CLI's own."""
-    monkeypatch.delenv("OPENACCT_DEBUG", raising=False)
-
-
-@pytest.fixture
-def cli(quickstart: None, capsys: pytest.CaptureFixture[str]) -> Cli:
-    def invoke(*argv: str) -> Result:
-        code = run(list(argv))
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out and "Traceback" not in err, (argv, out, err)
-        return Result(code, out, err)
-
-    return invoke
 
 
 @pytest.fixture

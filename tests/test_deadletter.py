@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -18,47 +17,21 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from openacct.cli import run
 from openacct.shortcuts import add_user_to_project, create_user, deposit
 from services.batches import Outcome, run_batch
 from services.charger.batch import charge_events
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.models import ChargeMultiplier, LedgerTransaction, ParkedEvent, System
+from tests.conftest import Result
 from tests.events import job_completed
 
 D = Decimal
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("OPENACCT_DEBUG", raising=False)  # run() would re-raise instead of exiting 70
-
-
 @pytest.fixture(autouse=True)
 def funded(quickstart: None) -> None:
     deposit("phys", "1000", start="2000-01-01")
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    def invoke(*argv: str) -> Result:
-        code = run(list(argv))
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out + err, (argv, out, err)
-        return Result(code, out, err)
-
-    return invoke
 
 
 def charge(*events: dict[str, Any] | str) -> Outcome:

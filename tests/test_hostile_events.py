@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -30,7 +30,6 @@ from shared.db import session_scope
 from shared.event_id import job_event_id
 from shared.events import MAX_EVENT_BYTES
 from shared.models import Job, LedgerTransaction, ParkedEvent
-from tests.conftest import QUICKSTART
 from tests.events import job_completed
 from tests.pipeline import Process, RedisServer, wait_for
 
@@ -333,25 +332,6 @@ def test_the_relay_routes_a_deeply_nested_payload_to_the_charger() -> None:
 # Not spooled: refunds go to the refunder's queue by design, and the 10 MB one is spooled on its
 # own as the oversized file.
 NOT_SPOOLED = {"refund-sent-to-the-charger", "refund-with-a-nul-in-its-id", "ten-megabytes"}
-
-
-@pytest.fixture
-def center(committed: Engine) -> Engine:
-    from openacct import shortcuts
-
-    with session_scope():
-        exec(QUICKSTART.read_text(), {n: getattr(shortcuts, n) for n in shortcuts.__all__})
-        shortcuts.deposit("phys", "1000", start="2000-01-01")
-        shortcuts.deposit("chem", "1000", start="2000-01-01")
-    return committed
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def _count(engine: Engine, query: Any) -> int:

@@ -15,31 +15,10 @@ from sqlalchemy.orm import Session
 
 from shared import ledger, spool
 from shared.models import Job, LedgerTransaction, ProcessedEvent
-from tests.conftest import QUICKSTART
 from tests.events import job_completed, raw
 from tests.pipeline import OPENACCT, Process, RedisServer, wait_for
 
 BROKERS = ["redis"] + (["amqp"] if os.environ.get("OPENACCT_TEST_AMQP_URL") else [])
-
-
-@pytest.fixture
-def center(committed: Engine) -> Engine:
-    from openacct import shortcuts
-    from shared.db import session_scope
-
-    with session_scope():
-        exec(QUICKSTART.read_text(), {n: getattr(shortcuts, n) for n in shortcuts.__all__})
-        shortcuts.deposit("phys", "1000", start="2000-01-01")
-        shortcuts.deposit("chem", "1000", start="2000-01-01")
-    return committed
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=BROKERS)
