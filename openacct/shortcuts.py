@@ -586,7 +586,10 @@ def _record_raw(kind: str, account: Account | Project | str | None, **kwargs: An
         return ledger.hold(session, get_account(account), **kwargs)
     allocation = kwargs.pop("allocation", None)
     if allocation is not None:
-        allocation = session.get(Allocation, allocation)
+        number = allocation.id if isinstance(allocation, Allocation) else allocation
+        allocation = session.get(Allocation, number) if isinstance(number, int) and not isinstance(number, bool) else None
+        if allocation is None:
+            raise NotFound(f"no allocation #{number}")
     refers_to = kwargs.pop("refers_to", None)
     return ledger.adjust(session, get_account(account), allocation=allocation,
                          refers_to=_transaction(refers_to) if refers_to is not None else None,

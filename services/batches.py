@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -23,8 +24,9 @@ from shared.models import TaskDelivery
 
 log = logging.getLogger("openacct.worker")
 
-# The database is away or restarting: retry the task later, it is not the batch's fault.
-RETRYABLE = (OperationalError, InterfaceError)
+# The database is away or restarting, or the batch ran out of time: retry the task later, it is
+# not its events' fault. Each retry counts as a delivery, so a batch that never fits is parked.
+RETRYABLE = (OperationalError, InterfaceError, SoftTimeLimitExceeded)
 
 
 @dataclass
@@ -56,12 +58,13 @@ def count_delivery(delivery_id: str) -> int:
 def run_batch(task: Any, items: list[Any], handler: Handler, source: str) -> dict[str, int]:
     if not isinstance(items, list):
         items = [items]
-    # A retry is a new message; a redelivery of a message whose worker died is the same one.
-    deliveries = count_delivery(f"{task.request.id}:{task.request.retries or 0}")
+    # A retry keeps the task id, as does a redelivery after a worker died: both count.
+    deliveries = count_delivery(task.request.id)
     limit = get_settings().max_deliveries
     if deliveries > limit:
         reason = (f"batch {task.request.id} was delivered {deliveries} times without completing "
-                  "(its worker died each time); parked for an administrator to replay")
+                  "(its worker died, or it ran out of time or database each time); parked for an "
+                  "administrator to replay")
         with session_scope() as session:
             parked = park(session, [Parked(raw_bytes(i), reason, source=source) for i in items])
         log.error("%s: %d events parked", reason, parked)

@@ -50,7 +50,7 @@ def configure(app: Celery, settings: Settings) -> None:
     if amqp:
         # Quorum queues survive a broker node loss and count deliveries: a message delivered
         # more than max_deliveries times is dropped by RabbitMQ, so the workers park it first
-        # (see services.worker) one delivery earlier.
+        # (see services.batches) one delivery earlier.
         queue_args = {"x-queue-type": "quorum", "x-delivery-limit": settings.max_deliveries + 1}
         transport_options: dict[str, Any] = {"confirm_publish": True}
     else:
@@ -74,7 +74,9 @@ def configure(app: Celery, settings: Settings) -> None:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
+        # A task killed at its hard time limit goes back to the queue; its transaction rolled back.
+        task_acks_on_timeout=False,
+        task_acks_on_failure=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # A task may never outlive the visibility timeout, or Redis hands it to a second worker.

@@ -100,6 +100,13 @@ def _check_key(key: str | None) -> str:
 # --------------------------------------------------------------------------- writing
 
 
+def _lock_then_replay(session: Session, key: str, digest: str, *accounts: Account) -> LedgerTransaction | None:
+    """Lock the accounts, then look for the key again: a writer with the same key may have
+    committed while we waited, and it must win before we create anything (an allocation)."""
+    _lock_accounts(session, *accounts)
+    return _replay(session, key, digest)
+
+
 def _lock_accounts(session: Session, *accounts: Account | int) -> None:
     """Serialize the ledger's writers per account, in id order so that two cannot deadlock.
 
@@ -181,39 +188,6 @@ def _in_force(at: dt.datetime | Any):
     )
 
 
-def _spendable_allocations(
-    session: Session, account: Account, at: dt.datetime
-) -> list[tuple[Allocation, Decimal]]:
-    """Allocations in force at ``at`` with what is left in each, the first to end first."""
-    left = AccountBalance.allocated - AccountBalance.charged + AccountBalance.refunded
-    rows = session.execute(
-        select(Allocation, left)
-        .join(AccountBalance, AccountBalance.allocation_id == Allocation.id)
-        .where(Allocation.account_id == account.id, _in_force(at))
-        .order_by(Allocation.ends_at.asc().nulls_last(), Allocation.id)
-    ).all()
-    return [(alloc, remaining) for alloc, remaining in rows]
-
-
-def _draw(
-    session: Session, account: Account, amount: Decimal, at: dt.datetime
-) -> list[tuple[Allocation | None, Decimal]]:
-    """Split ``amount`` over the account's allocations; the rest falls on the account itself."""
-    slices: list[tuple[Allocation | None, Decimal]] = []
-    rest = amount
-    for allocation, remaining in _spendable_allocations(session, account, at):
-        if rest == 0:
-            break
-        if remaining <= 0:
-            continue
-        take = min(remaining, rest)
-        slices.append((allocation, take))
-        rest -= take
-    if rest > 0:
-        slices.append((None, rest))
-    return slices
-
-
 def _effective(at: dt.datetime | None) -> dt.datetime:
     if at is None:
         return now()
@@ -244,8 +218,6 @@ def deposit(
     request = {"account": account.id, "amount": amount, "starts_at": starts_at,
                "ends_at": ends_at, "credit_limit": credit_limit}
     digest = _request_hash("deposit", request)
-    if (done := _replay(session, key, digest)) is not None:
-        return done
     for name, value in (("start", starts_at), ("end", ends_at)):
         if value is not None and value.tzinfo is None:
             raise InvalidInput(f"allocation {name} {value.isoformat()} has no time zone")
@@ -257,7 +229,8 @@ def deposit(
     if not account.active:
         raise InvalidInput(f"account {account.name!r} is not active")
 
-    _lock_accounts(session, account)
+    if (done := _lock_then_replay(session, key, digest, account)) is not None:
+        return done
     allocation = Allocation(
         account_id=account.id, amount=amount, credit_limit=credit_limit,
         starts_at=starts_at, ends_at=ends_at,
@@ -383,6 +356,24 @@ class _Bucket:
         return self.starts_at <= at and (self.ends_at is None or at < self.ends_at)
 
 
+def _draw(buckets: Iterable[_Bucket], amount: Decimal, at: dt.datetime) -> list[tuple[_Bucket | None, Decimal]]:
+    """Split ``amount`` over the allocations in force at ``at``, the first to end first, taking
+    it from their remainders; what none covers falls on the account itself (None)."""
+    slices: list[tuple[_Bucket | None, Decimal]] = []
+    rest = amount
+    for bucket in buckets:
+        if rest == 0:
+            break
+        if bucket.remaining > 0 and bucket.in_force(at):
+            take = min(bucket.remaining, rest)
+            bucket.remaining -= take
+            slices.append((bucket, take))
+            rest -= take
+    if rest > 0:
+        slices.append((None, rest))
+    return slices
+
+
 def _buckets(session: Session, account_ids: list[int]) -> dict[int, list[_Bucket]]:
     left = AccountBalance.allocated - AccountBalance.charged + AccountBalance.refunded
     found: dict[int, list[_Bucket]] = defaultdict(list)
@@ -394,6 +385,11 @@ def _buckets(session: Session, account_ids: list[int]) -> dict[int, list[_Bucket
     ):
         found[account_id].append(_Bucket(alloc_id, starts, ends, remaining))
     return found
+
+
+def _conflict_message(key: str, txn_id: int) -> str:
+    return (f"idempotency key {key!r} was already used by transaction #{txn_id} with different "
+            "details; use a new key for a new request")
 
 
 def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeResult:
@@ -429,27 +425,16 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
         if digest == by_key[key].request_hash:
             result.transactions[key] = txn_id
         else:
-            result.refused[key] = (f"idempotency key {key!r} was already used by transaction #{txn_id} "
-                                   "with different details; use a new key for a new request")
+            result.refused[key] = _conflict_message(key, txn_id)
     todo = [(r, rate, amount) for r, rate, amount in priced if r.key not in result.transactions and r.key not in result.refused]
     if not todo:
         return result
 
     buckets = _buckets(session, account_ids)
-    slices: dict[str, list[tuple[int | None, Decimal]]] = {}
-    for r, _, amount in todo:
-        rest, taken = amount, []
-        for bucket in buckets.get(r.account_id, ()):
-            if rest == 0:
-                break
-            if bucket.remaining > 0 and bucket.in_force(r.effective_at):
-                take = min(bucket.remaining, rest)
-                bucket.remaining -= take
-                taken.append((bucket.id, take))
-                rest -= take
-        if rest > 0:
-            taken.append((None, rest))
-        slices[r.key] = taken
+    slices = {
+        r.key: [(b.id if b else None, x) for b, x in _draw(buckets.get(r.account_id, ()), amount, r.effective_at)]
+        for r, _, amount in todo
+    }
 
     inserted = bulk.insert_rows(
         session, LedgerTransaction.__table__,
@@ -465,11 +450,21 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
     )
     written = dict(inserted)
     result.transactions.update(written)
+    lost = [r for r, _, _ in todo if r.key not in written]
+    if lost:  # a writer on another account committed the same key first: replay or refuse
+        for key, txn_id, digest in session.execute(
+            select(LedgerTransaction.idempotency_key, LedgerTransaction.id, LedgerTransaction.request_hash)
+            .where(bulk.any_of(LedgerTransaction.idempotency_key, [r.key for r in lost]))
+        ):
+            if digest == by_key[key].request_hash:
+                result.transactions[key] = txn_id
+            else:
+                result.refused[key] = _conflict_message(key, txn_id)
     entries = []
     totals: dict[tuple[int, int | None], Decimal] = defaultdict(lambda: ZERO)
     for r, _, _ in todo:
         if r.key not in written:
-            continue  # a concurrent writer committed this key first; it wrote the entries
+            continue  # sorted above: replayed or refused
         for allocation_id, amount in slices[r.key]:
             entries.append({"transaction_id": written[r.key], "account_id": r.account_id,
                             "allocation_id": allocation_id, "bucket": "charged",
@@ -521,10 +516,9 @@ def refund(
     wanted = None if amount is None else parse_money(amount, "refund amount")
     key = _check_key(key)
     digest = _request_hash("refund", {"charge": charge_txn.id, "amount": wanted})
-    if (done := _replay(session, key, digest)) is not None:
-        return done
     account = session.get_one(Account, charge_txn.account_id)
-    _lock_accounts(session, account)
+    if (done := _lock_then_replay(session, key, digest, account)) is not None:
+        return done
     remaining = refundable(session, charge_txn)
     amount = remaining if wanted is None else wanted
     if amount > remaining or remaining == 0:
@@ -575,10 +569,9 @@ def transfer(
         raise InvalidInput(f"account {target.name!r} is not active")
     key = _check_key(key)
     digest = _request_hash("transfer", {"from": source.id, "to": target.id, "amount": amount})
-    if (done := _replay(session, key, digest)) is not None:
-        return done
     at = now()
-    _lock_accounts(session, source, target)
+    if (done := _lock_then_replay(session, key, digest, source, target)) is not None:
+        return done
     available = account_balance(session, source, at=at).available
     if amount > available:
         raise InsufficientFunds(
@@ -586,7 +579,7 @@ def transfer(
             f"{money_str(available)} available"
         )
     entries: list[_Entry] = []
-    for allocation, take in _draw(session, source, amount, at):
+    for allocation, take in _draw(_buckets(session, [source.id]).get(source.id, ()), amount, at):
         assert allocation is not None  # available covers amount, so allocations do too
         moved = Allocation(account_id=target.id, amount=take, starts_at=at, ends_at=allocation.ends_at)
         session.add(moved)
@@ -619,9 +612,8 @@ def hold(
     request = {"account": account.id, "amount": amount, "job": job.id if job else None,
                "service": service.id if service else None}
     digest = _request_hash("hold", request)
-    if (done := _replay(session, key, digest)) is not None:
+    if (done := _lock_then_replay(session, key, digest, account)) is not None:
         return done
-    _lock_accounts(session, account)
     if within_credit_limit:
         balance = account_balance(session, account)
         if amount > balance.available + balance.credit_limit:
@@ -653,10 +645,9 @@ def release(
     wanted = None if amount is None else parse_money(amount, "release amount")
     key = _check_key(key)
     digest = _request_hash("release", {"hold": hold_txn.id, "amount": wanted})
-    if (done := _replay(session, key, digest)) is not None:
-        return done
     account = session.get_one(Account, hold_txn.account_id)
-    _lock_accounts(session, account)
+    if (done := _lock_then_replay(session, key, digest, account)) is not None:
+        return done
     remaining = hold_txn.amount - _referred_sum(session, hold_txn, "release")
     amount = remaining if wanted is None else wanted
     if amount > remaining or remaining == 0:
@@ -696,9 +687,8 @@ def adjust(
                "allocation": allocation.id if allocation else None,
                "refers_to": refers_to.id if refers_to else None}
     digest = _request_hash("adjustment", request)
-    if (done := _replay(session, key, digest)) is not None:
+    if (done := _lock_then_replay(session, key, digest, account)) is not None:
         return done
-    _lock_accounts(session, account)
     return _write(
         session, kind="adjustment", key=key, request_hash=digest, amount=abs(delta),
         account=account, effective_at=now(), refers_to_id=refers_to.id if refers_to else None,

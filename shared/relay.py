@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections import defaultdict
@@ -44,6 +45,28 @@ def message_item(raw: bytes) -> tuple[str, Any]:
     return ROUTES.get(kind, "charger") if isinstance(kind, str) else "charger", text
 
 
+def _read_entry(path: str) -> bytes:
+    """A spool entry's bytes, refusing anything but a regular file (a FIFO would hang us)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(spool.MAX_EVENT_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def check_spool_permissions(spool_dir: Path) -> None:
+    """Whoever can write the spool can put events in it: refuse to ship from a spool that
+    anyone on the host can write to."""
+    for part in (spool.NEW, spool.TMP):
+        mode = os.stat(spool_dir / part).st_mode
+        if mode & stat.S_IWOTH:
+            raise SystemExit(f"spool {spool_dir / part} is writable by every user, who could forge "
+                             "events: chmod o-w it (the relay and the hooks' user need access, nobody else)")
+
+
 @dataclass
 class Backlog:
     count: int
@@ -66,15 +89,15 @@ class Relay:
         done: list[str] = []
         for path in paths:
             try:
-                with open(path, "rb") as f:
-                    raw = f.read(spool.MAX_EVENT_BYTES + 1)
+                raw = _read_entry(path)
             except FileNotFoundError:
                 continue  # another relay on this spool took it: harmless, the inbox dedupes
+            except OSError as exc:  # not a file we can read: set it aside, or it blocks the spool
+                self._set_aside(path, f"unreadable spool entry: {type(exc).__name__}: {exc}")
+                continue
             if len(raw) > spool.MAX_EVENT_BYTES:
-                spool.reject(self.spool_dir, raw[: spool.MAX_EVENT_BYTES],
-                             f"event of {os.path.getsize(path)} bytes is larger than "
-                             f"{spool.MAX_EVENT_BYTES}; first bytes kept", "relay")
-                os.unlink(path)
+                size = os.path.getsize(path)
+                self._set_aside(path, f"event of {size} bytes is larger than {spool.MAX_EVENT_BYTES}")
                 continue
             queue, item = message_item(raw)
             by_queue[queue].append(item)
@@ -90,11 +113,18 @@ class Relay:
         self.shipped += len(done)
         return len(done)
 
+    def _set_aside(self, path: str, reason: str) -> None:
+        try:
+            spool.set_aside(self.spool_dir, path, reason, "relay")
+        except OSError as exc:  # cannot even move it: say so; the other events still ship
+            log.error("cannot set aside spool entry %s (%s): %s", path, reason, exc)
+
     def backlog(self) -> Backlog:
         return Backlog(*spool.backlog(self.spool_dir))
 
     def run(self, stop: threading.Event) -> None:
         spool.ensure(self.spool_dir)
+        check_spool_permissions(self.spool_dir)
         backoff = 0.0
         last_report = 0.0
         while not stop.is_set():

@@ -22,8 +22,13 @@ MAX_EVENT_BYTES = 256 * 1024
 
 
 def ensure(spool_dir: PathLike) -> None:
+    """Create the spool, readable and writable by its owner and group only (the hooks' user and
+    the relay): whoever can write to it can put events in it."""
     for part in (TMP, NEW, REJECT):
-        os.makedirs(os.path.join(spool_dir, part), mode=0o770, exist_ok=True)
+        path = os.path.join(spool_dir, part)
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=0o770, exist_ok=True)
+            os.chmod(path, 0o770)  # makedirs' mode is cut by the umask
 
 
 def durable_write(directory: str, name: str, data: bytes, tmp_dir: str) -> str:
@@ -71,6 +76,17 @@ def reject(spool_dir: PathLike, raw: bytes, reason: str, source: str) -> str:
     rejected, tmp = os.path.join(spool_dir, REJECT), os.path.join(spool_dir, TMP)
     durable_write(rejected, f"{stem}.reason", f"{source}: {reason}\n".encode(), tmp)
     return durable_write(rejected, f"{stem}.raw", raw, tmp)
+
+
+def set_aside(spool_dir: PathLike, path: str, reason: str, source: str) -> str:
+    """Move a spool entry the relay cannot ship into ``reject/``, whole, beside why."""
+    spool_dir = os.fspath(spool_dir)
+    stem = os.path.basename(path).removesuffix(".json")
+    rejected = os.path.join(spool_dir, REJECT)
+    durable_write(rejected, f"{stem}.reason", f"{source}: {reason}\n".encode(), os.path.join(spool_dir, TMP))
+    final = os.path.join(rejected, f"{stem}.raw")
+    os.rename(path, final)
+    return final
 
 
 def pending(spool_dir: PathLike, limit: int) -> list[str]:

@@ -96,7 +96,7 @@ def _parses(raw: bytes) -> bool:
     try:
         json.loads(raw)
         return True
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
 
 
@@ -104,8 +104,8 @@ def _from_jobcomp(raw: bytes, default_system: str | None) -> bytes:
     """The event the jobcomp hook would have written for this record, now."""
     try:
         record = json.loads(raw)
-    except ValueError as exc:
-        raise BadInput(f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadInput(f"not JSON: {type(exc).__name__}: {exc}") from None
     if isinstance(record, dict) and isinstance(record.get("env"), dict):  # a captured hook run
         if record.get("hook", "jobcomp") != "jobcomp":
             raise Skipped

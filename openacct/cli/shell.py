@@ -50,7 +50,10 @@ def shell(
     """Python with the OpenAcct shortcuts, committed at the end (nothing on error)."""
     if script is None and sys.stdin.isatty():
         with session_scope():
-            code.interact(banner=BANNER, local=_namespace(), exitmsg="committed")
+            try:
+                code.interact(banner=BANNER, local=_namespace(), exitmsg="committed")
+            except SystemExit:  # exit() or quit(): leaving the shell, as Ctrl-D is
+                typer.echo("committed")
         return
     if script is not None and not script.is_file():
         raise typer.BadParameter(f"no file {script}", param_hint="SCRIPT")

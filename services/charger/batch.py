@@ -38,6 +38,9 @@ class Plan:
     event: JobStarted | JobCompleted
     job: dict[str, Any]
     charges: list[dict[str, Any]] = field(default_factory=list)
+    # A record of a run that has not ended (PENDING after a requeue, say) must not take the
+    # event id its real completion will need: it is recorded, not claimed.
+    final: bool = True
 
 
 def charge_events(session: Session, items: list[Any], *, source: str = "") -> Outcome:
@@ -79,10 +82,12 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
             parked.append(Parked(raw, str(exc), event.event_id, event.kind, source))
 
     job_ids = _record_jobs(session, plans)
-    claimed = _claim(session, plans)
-    outcome.duplicates += len(plans) - len(claimed)
+    final = [p for p in plans if p.final]
+    claimed = _claim(session, final)
+    outcome.duplicates += len(final) - len(claimed)
+    outcome.recorded += len(plans) - len(final)
     requests = []
-    for plan in plans:
+    for plan in final:
         if plan.event.event_id not in claimed:
             continue
         job_id = job_ids[tuple(plan.job[k] for k in JOB_KEY)]
@@ -144,6 +149,8 @@ def _plan(session: Session, directory: Directory, event: JobStarted | JobComplet
         policy = f"state {event.state} is not charged"
     elif event.state in NOT_FINISHED:
         policy = f"state {event.state} is not the end of a run"
+        plan.final = False
+        job["end_time"] = None  # not ended: and a finished job's row is not reopened by it
     elif elapsed <= 0:
         policy = "never ran"
     else:
