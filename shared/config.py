@@ -104,8 +104,14 @@ class Settings(BaseSettings):
 
     @field_validator("free_states")
     @classmethod
-    def _upper(cls, states: list[str]) -> list[str]:
-        return [s.strip().upper() for s in states]
+    def _known_states(cls, states: list[str]) -> list[str]:
+        from shared.events import JOB_STATES
+
+        states = [s.strip().upper() for s in states]
+        unknown = [s for s in states if s not in JOB_STATES]
+        if unknown:  # a typo here would silently charge the jobs it meant to spare
+            raise ValueError(f"unknown job state(s) {', '.join(unknown)}: one of {', '.join(JOB_STATES)}")
+        return states
 
     @classmethod
     def settings_customise_sources(

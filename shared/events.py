@@ -25,10 +25,10 @@ from pydantic import (
 )
 
 from shared.event_id import job_event_id
+from shared.timestamps import CLOCK_SKEW
 
 SCHEMA_VERSION = 1
 # Clocks on cluster nodes drift; an event this far in the future is still plausible.
-CLOCK_SKEW = dt.timedelta(minutes=10)
 LONGEST_JOB = dt.timedelta(days=400)
 # An event is a few hundred bytes. The relay refuses bigger spool files with the same limit
 # (``shared.spool.MAX_EVENT_BYTES``); the charger refuses them from any other way in.
@@ -43,7 +43,8 @@ JOB_STATES = (
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")]
 OptionalName = Annotated[str | None, Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9._@+-]*$")]
 JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-Count = Annotated[int, Field(ge=0, le=10_000_000)]
+# Strict: a count must be a JSON integer, not "4" or true, so nothing is charged by accident.
+Count = Annotated[int, Field(ge=0, le=10_000_000, strict=True)]
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -70,8 +71,8 @@ class JobFields(Event):
     system: Name
     job_id: JobId
     array_job_id: JobId | None = None
-    array_task_id: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
-    het_offset: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    array_task_id: Annotated[int, Field(ge=0, le=10_000_000, strict=True)] | None = None
+    het_offset: Annotated[int, Field(ge=0, le=100_000, strict=True)] | None = None
     name: str | None = Field(default=None, max_length=256)
     user: Name
     account: OptionalName
@@ -85,8 +86,8 @@ class JobFields(Event):
     node_list: str | None = Field(default=None, max_length=65_536, pattern=r"^[A-Za-z0-9_.,\[\]-]*$")
     cpus: Count | None = None
     gpus: Count | None = None
-    memory_mb: Annotated[int, Field(ge=0, le=10**12)] | None = None
-    time_limit_minutes: Annotated[int, Field(ge=0, le=10**8)] | None = None
+    memory_mb: Annotated[int, Field(ge=0, le=10**12, strict=True)] | None = None
+    time_limit_minutes: Annotated[int, Field(ge=0, le=10**8, strict=True)] | None = None
 
     @model_validator(mode="after")
     def _id_matches_the_job(self) -> JobFields:
@@ -114,7 +115,7 @@ class JobCompleted(JobFields):
     end_time: Time
     start_time: Time | None = None
     state: str = Field(max_length=32)
-    exit_code: Annotated[int, Field(ge=-1024, le=1024)] | None = None
+    exit_code: Annotated[int, Field(ge=-1024, le=1024, strict=True)] | None = None
 
     @field_validator("state")
     @classmethod
@@ -135,11 +136,6 @@ class JobCompleted(JobFields):
             raise ValueError(f"the job ran longer than {LONGEST_JOB.days} days")
         return self
 
-    @property
-    def elapsed_seconds(self) -> int:
-        if self.start_time is None:
-            return 0
-        return int((self.end_time - self.start_time).total_seconds())
 
 
 class RefundRequested(Event):
@@ -149,7 +145,7 @@ class RefundRequested(Event):
     system: Name | None = None
     job_id: JobId | None = None
     submit_time: Time | None = None
-    transaction_id: Annotated[int, Field(ge=1)] | None = None
+    transaction_id: Annotated[int, Field(ge=1, strict=True)] | None = None
     amount: Annotated[Decimal, Field(gt=0, max_digits=24, decimal_places=6)] | None = None
     fraction: Annotated[Decimal, Field(gt=0, le=1, decimal_places=6)] | None = None
     reason: str = Field(min_length=1, max_length=2000)

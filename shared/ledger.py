@@ -47,10 +47,9 @@ from shared.models import (
     User,
 )
 from shared.money import money_str, parse_money, round_money
+from shared.timestamps import CLOCK_SKEW
 
 ZERO = Decimal(0)
-# Clocks on cluster nodes drift; an effective time this far ahead is still "now".
-CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
 def now() -> dt.datetime:
@@ -188,6 +187,13 @@ def _in_force(at: dt.datetime | Any):
     )
 
 
+def _check_open(account: Account, at: dt.datetime) -> None:
+    if not account.active:
+        raise InvalidInput(f"account {account.name!r} is not active")
+    if account.expires_at is not None and at >= account.expires_at:
+        raise InvalidInput(f"account {account.name!r} expired on {account.expires_at.isoformat()}")
+
+
 def _effective(at: dt.datetime | None) -> dt.datetime:
     if at is None:
         return now()
@@ -226,8 +232,7 @@ def deposit(
         raise InvalidInput(
             f"allocation end {ends_at.isoformat()} is not after its start {starts_at.isoformat()}"
         )
-    if not account.active:
-        raise InvalidInput(f"account {account.name!r} is not active")
+    _check_open(account, now())
 
     if (done := _lock_then_replay(session, key, digest, account)) is not None:
         return done
@@ -319,6 +324,7 @@ def charge(
     if (done := _replay(session, key, digest)) is not None:
         return done
     at = _effective(effective_at)
+    _check_open(account, at)
     rate_at(session, service, at)  # a clear NotFound before anything is locked
     result = charge_many(session, [ChargeRequest(
         key=key, request_hash=digest, account_id=account.id, service_id=service.id,
@@ -565,8 +571,7 @@ def transfer(
     amount = parse_money(amount, "transfer amount")
     if source.id == target.id:
         raise InvalidInput(f"cannot transfer from account {source.name!r} to itself")
-    if not target.active:
-        raise InvalidInput(f"account {target.name!r} is not active")
+    _check_open(target, now())
     key = _check_key(key)
     digest = _request_hash("transfer", {"from": source.id, "to": target.id, "amount": amount})
     at = now()
@@ -612,6 +617,7 @@ def hold(
     request = {"account": account.id, "amount": amount, "job": job.id if job else None,
                "service": service.id if service else None}
     digest = _request_hash("hold", request)
+    _check_open(account, now())
     if (done := _lock_then_replay(session, key, digest, account)) is not None:
         return done
     if within_credit_limit:

@@ -7,6 +7,9 @@ from zoneinfo import ZoneInfo
 
 from shared.errors import InvalidInput
 
+# Clocks on cluster nodes and admin hosts drift: a time this far in the future is still "now".
+CLOCK_SKEW = dt.timedelta(minutes=10)
+
 
 def parse_time(value: object, what: str, zone: ZoneInfo | None = None) -> dt.datetime:
     """A timezone-aware datetime. Dates mean midnight; naive times are read in ``zone`` (UTC if

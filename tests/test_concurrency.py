@@ -110,3 +110,39 @@ def test_concurrent_transfers_never_overdraw(committed: Engine, database_url: st
     assert balance("phys").available == Decimal("98")
     with session_scope() as s:
         assert ledger.verify(s) == []
+
+
+def test_the_same_key_racing_on_one_account_writes_once(committed: Engine) -> None:
+    """Two writers with one key wait on the account lock; the second must find the first's
+    transaction after the lock, not create a second allocation."""
+    import threading
+
+    from sqlalchemy import select as sql_select
+    from sqlalchemy.orm import Session
+
+    from openacct.shortcuts import balance, deposit, get_account
+    from shared.models import Account, Allocation
+
+    _load_center()
+    phys = get_account("phys")
+    blocker = Session(committed)
+    blocker.execute(sql_select(Account.id).where(Account.id == phys.id).with_for_update(key_share=True))
+    results: list[object] = []
+
+    def write() -> None:
+        results.append(deposit("phys", "100", credit_limit="500", key="grant-2026").id)
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for t in threads:
+        t.start()
+    import time
+
+    time.sleep(0.5)  # both are now waiting for the lock
+    blocker.rollback()
+    blocker.close()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 2 and results[0] == results[1]
+    with Session(committed) as s:
+        assert len(s.scalars(sql_select(Allocation)).all()) == 1
+    assert balance("phys").credit_limit == Decimal("500")

@@ -99,7 +99,7 @@ def test_array_tasks_name_their_array() -> None:
 def test_a_job_cancelled_while_pending_used_nothing() -> None:
     event = parse_event(encode(slurm.jobcomp_event(env_of("jobcomp", "no-slurmdbd", JOBNAME="cancel_pd"), NOW, "lab")))
     assert (event.state, event.cpus, event.node_count, event.node_list) == ("CANCELLED", 0, 0, None)
-    assert event.start_time == event.end_time and event.elapsed_seconds == 0
+    assert event.start_time == event.end_time
 
 
 def test_the_same_record_always_gives_the_same_event_id() -> None:

@@ -156,8 +156,10 @@ def _no_job(s: Session, _: ParkedEvent | None) -> None:
 CASES = [
     # wrong types
     Case("cpus-as-a-word", lambda: text(bad(cpus="four")), "cpus: Input should be a valid integer"),
+    Case("cpus-as-a-string", lambda: text(bad(cpus="4")), "cpus: Input should be a valid integer"),
+    Case("cpus-as-a-boolean", lambda: text(bad(cpus=True)), "cpus: Input should be a valid integer"),
     Case("cpus-fractional", lambda: text(bad(cpus=4.5)), "cpus: Input should be a valid integer"),
-    Case("cpus-nan", lambda: text(bad(cpus=float("nan"))), "cpus: Input should be a finite number"),
+    Case("cpus-nan", lambda: text(bad(cpus=float("nan"))), "cpus: Input should be a valid integer"),
     # The contract's job ids are strings (schedulers have "123_4", "123+1"): a JSON number is refused.
     Case("job-id-as-a-number", lambda: text({**bad(), "job_id": 666}), "job_id: Input should be a valid string"),
     Case("schema-version-as-a-string", lambda: text(bad(schema_version="1")), "unsupported schema_version '1'"),

@@ -298,3 +298,25 @@ def test_ledger_rows_cannot_be_rewritten(db_connection: Connection) -> None:
         savepoint.rollback()
     assert balance("phys").allocated == D("100")
     assert rows(AccountBalance) == 1
+
+
+def test_an_expired_account_takes_no_new_money_or_use() -> None:
+    from openacct.shortcuts import grant_service_access
+
+    create_account("phys-2019", project="phys", expires_at="2020-01-01")
+    grant_service_access(SERVICE, account="phys-2019")
+    with pytest.raises(InvalidInput, match="account 'phys-2019' expired on 2020-01-01"):
+        deposit("phys-2019", "10")
+    with pytest.raises(InvalidInput, match="expired on 2020-01-01"):
+        charge("phys-2019", SERVICE, "1")
+    assert rows(LedgerTransaction) == 0
+
+
+def test_a_typo_in_free_states_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from shared.config import Settings
+
+    with pytest.raises(ValidationError, match="unknown job state.*NODEFAIL"):
+        Settings(free_states=["NODEFAIL"])
+    assert Settings(free_states=["node_fail", "timeout"]).free_states == ["NODE_FAIL", "TIMEOUT"]

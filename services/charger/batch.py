@@ -119,6 +119,7 @@ def _plan(session: Session, directory: Directory, event: JobStarted | JobComplet
     user_id = directory.user(system, event.user)
     account = directory.account(system, event.account)
     directory.check_member(account, user_id, event.user)
+    directory.check_open(account, event.end_time if isinstance(event, JobCompleted) else (event.start_time or event.submit_time))  # type: ignore[arg-type]
     job = {
         "system_id": system.id, "job_id": event.job_id, "array_job_id": event.array_job_id,
         "array_task_id": event.array_task_id, "het_offset": event.het_offset,

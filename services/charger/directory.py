@@ -7,6 +7,7 @@ an account, or a project whose default account pays (or an account alias on that
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class AccountInfo:
     project_id: int
     project_name: str
     active: bool
+    expires_at: dt.datetime | None
 
 
 @dataclass
@@ -105,6 +107,11 @@ class Directory:
         if not account.active:
             raise Unresolved(f"account {account.name!r} is not active")
         return account
+
+    def check_open(self, account: AccountInfo, at: dt.datetime) -> None:
+        if account.expires_at is not None and at >= account.expires_at:
+            raise Unresolved(f"account {account.name!r} expired on {account.expires_at.isoformat()}, "
+                             f"before the job's {at.isoformat()}")
 
     def check_member(self, account: AccountInfo, user_id: int, user_name: str) -> None:
         if (account.project_id, user_id) not in self.members:
@@ -176,7 +183,7 @@ def _accounts(session: Session, wanted: set[tuple[int, str]]) -> dict[tuple[int,
     found: dict[tuple[int, str], AccountInfo] = {}
     if not wanted:
         return found
-    columns = (Account.id, Account.name, Project.id, Project.name, Account.active)
+    columns = (Account.id, Account.name, Project.id, Project.name, Account.active, Account.expires_at)
     aliased = {
         (system_id, alias): target for system_id, alias, target in session.execute(
             select(Alias.system_id, Alias.alias, Alias.target_id)
