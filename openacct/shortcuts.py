@@ -32,6 +32,7 @@ from shared import ledger
 from shared.config import get_settings
 from shared.db import current_session, session_scope
 from shared.errors import AlreadyExists, InvalidInput, NotFound
+from shared.jobs import job_key, upsert_jobs
 from shared.ledger import Balance
 from shared.models import (
     Account,
@@ -454,16 +455,7 @@ def record_job(
     start, end = values.get("start_time"), values.get("end_time")
     if start is not None and end is not None and end < start:
         raise InvalidInput("job end time is before its start time")
-    stmt = insert(Job).values(**values)
-    updates = {k: stmt.excluded[k] for k in values if k not in
-               ("system_id", "job_id", "submit_time", "array_task_id", "het_offset")
-               and values[k] is not None}
-    key = ["system_id", "job_id", "array_task_id", "het_offset", "submit_time"]
-    stmt = (stmt.on_conflict_do_update(index_elements=key, set_=updates) if updates
-            else stmt.on_conflict_do_nothing(index_elements=key))
-    job_pk = session.execute(stmt.returning(Job.id)).scalar()
-    if job_pk is None:
-        job_pk = session.scalar(select(Job.id).where(*(getattr(Job, k).is_not_distinct_from(values[k]) for k in key)))
+    job_pk = upsert_jobs(session, [values])[job_key(values)]
     session.expire_all()
     return session.get_one(Job, job_pk)
 

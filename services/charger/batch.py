@@ -23,6 +23,7 @@ from shared import bulk, ledger
 from shared.config import get_settings
 from shared.deadletter import Parked, park, raw_bytes
 from shared.events import LONGEST_JOB, EventRejected, JobCompleted, JobStarted, parse_event
+from shared.jobs import job_key, upsert_jobs
 from shared.models import Job, ProcessedEvent
 
 HOUR = Decimal(3600)
@@ -30,7 +31,6 @@ QUANTITY = Decimal("0.000001")
 # States that are not the end of a run: nothing to charge.
 NOT_FINISHED = {"PENDING", "RUNNING", "REQUEUED", "SUSPENDED"}
 RESOURCE_COUNT = {"cpu": "cpus", "gpu": "gpus", "node": "node_count"}
-JOB_KEY = ("system_id", "job_id", "array_task_id", "het_offset", "submit_time")
 
 
 @dataclass
@@ -90,7 +90,7 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
     for plan in final:
         if plan.event.event_id not in claimed:
             continue
-        job_id = job_ids[tuple(plan.job[k] for k in JOB_KEY)]
+        job_id = job_ids[job_key(plan.job)]
         outcome.recorded += 1
         if plan.charges:
             outcome.charged += 1
@@ -211,35 +211,14 @@ def _recorded_start(session: Session, system: SystemInfo, event: JobCompleted) -
 
 
 def _record_jobs(session: Session, plans: list[Plan]) -> dict[tuple[Any, ...], int]:
-    """Upsert every job of the batch by its natural key; a completion overrides a start."""
+    """One row per job of the batch; a completion in the batch wins over a start."""
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for plan in plans:
-        key = tuple(plan.job[k] for k in JOB_KEY)
-        values = plan.job
+        key = job_key(plan.job)
         if key in rows and isinstance(plan.event, JobStarted):
             continue
-        rows[key] = {**{k: None for k in _JOB_COLUMNS}, **values}
-    if not rows:
-        return {}
-    # Keep what an earlier event said when a later one does not say it; a job.started arriving
-    # after its job's end (late, replayed) changes nothing: it cannot reopen a finished job.
-    keep = ", ".join(
-        f"{c} = CASE WHEN excluded.end_time IS NULL AND jobs.end_time IS NOT NULL THEN jobs.{c} "
-        f"ELSE COALESCE(excluded.{c}, jobs.{c}) END"
-        for c in _JOB_COLUMNS if c not in JOB_KEY
-    )
-    result = bulk.insert_rows(
-        session, Job.__table__, list(rows.values()),
-        on_conflict=f"({', '.join(JOB_KEY)}) DO UPDATE SET {keep}",
-        returning=("id", *JOB_KEY),
-    )
-    return {tuple(row[1:]): row[0] for row in result}
-
-
-_JOB_COLUMNS = ("system_id", "job_id", "array_job_id", "array_task_id", "het_offset", "submit_time",
-                "start_time", "end_time", "user_id", "account_id", "partition", "qos", "state",
-                "exit_code", "node_count", "node_list", "cpus", "gpus", "memory_mb", "time_limit_minutes",
-                "charge_policy")
+        rows[key] = plan.job
+    return upsert_jobs(session, list(rows.values()))
 
 
 def _claim(session: Session, plans: list[Plan]) -> set[str]:
