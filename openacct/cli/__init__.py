@@ -43,6 +43,23 @@ def hook(name: str = typer.Argument(help="slurm-jobcomp, slurm-prologctld or slu
     raise typer.Exit(run_hook([name]))
 
 
+@db_app.command("roles")
+def db_roles(
+    show: bool = typer.Option(False, "--show", help="Print the SQL instead of running it."),
+) -> None:
+    """Create the least-privilege roles (openacct_reader, _charger, _admin) and their grants."""
+    from shared import roles
+
+    if show:
+        typer.echo(";\n".join(roles.statements()) + ";")
+        return
+    from shared.db import engine
+
+    with engine().begin() as connection:
+        roles.apply(connection)
+    typer.echo(f"roles {', '.join(roles.ROLES)} are in place")
+
+
 @app.command("demo")
 def demo() -> None:
     """Build a small center on a database of its own (openacct_demo) and print its balances."""
