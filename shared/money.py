@@ -8,7 +8,6 @@ from shared.errors import InvalidInput
 from shared.models import MONEY_SCALE, RATE_SCALE, Money, Rate
 
 MONEY_QUANTUM = Decimal(1).scaleb(-MONEY_SCALE)
-RATE_QUANTUM = Decimal(1).scaleb(-RATE_SCALE)
 # NUMERIC(24, 6) holds 18 digits before the point; stay well inside it.
 MAX_MONEY = Decimal("1e15")
 # What the columns can hold at all: NUMERIC(24, 10) rates 14 digits, NUMERIC(24, 6) amounts 18.

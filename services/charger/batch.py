@@ -184,16 +184,19 @@ def _plan(session: Session, directory: Directory, event: JobStarted | JobComplet
     return plan
 
 
+def _same_job(system: SystemInfo, event: JobStarted | JobCompleted) -> tuple[Any, ...]:
+    """Rows of this job whatever its submit time: what events without one are matched on."""
+    return (Job.system_id == system.id, Job.job_id == event.job_id,
+            Job.array_task_id.is_not_distinct_from(event.array_task_id),
+            Job.het_offset.is_not_distinct_from(event.het_offset))
+
+
 def _submit_time_for(session: Session, system: SystemInfo, event: JobStarted | JobCompleted) -> dt.datetime:
     """Hooks that never see the submit time (Slurm's ctld hooks): the job recorded by its start,
     or the start time itself standing in for the submit time in the job's key."""
     found = session.scalar(
-        select(Job.submit_time).where(
-            Job.system_id == system.id, Job.job_id == event.job_id,
-            Job.array_task_id.is_not_distinct_from(event.array_task_id),
-            Job.het_offset.is_not_distinct_from(event.het_offset),
-            Job.start_time == event.start_time,
-        ).order_by(Job.submit_time.desc()).limit(1)
+        select(Job.submit_time).where(*_same_job(system, event), Job.start_time == event.start_time)
+        .order_by(Job.submit_time.desc()).limit(1)
     )
     assert event.start_time is not None  # the contract requires submit_time or start_time
     return found or event.start_time
@@ -201,12 +204,8 @@ def _submit_time_for(session: Session, system: SystemInfo, event: JobStarted | J
 
 def _recorded_start(session: Session, system: SystemInfo, event: JobCompleted) -> dt.datetime | None:
     return session.scalar(
-        select(Job.start_time).where(
-            Job.system_id == system.id, Job.job_id == event.job_id,
-            Job.array_task_id.is_not_distinct_from(event.array_task_id),
-            Job.het_offset.is_not_distinct_from(event.het_offset),
-            Job.end_time.is_(None), Job.start_time.is_not(None),
-        ).order_by(Job.submit_time.desc()).limit(1)
+        select(Job.start_time).where(*_same_job(system, event), Job.end_time.is_(None), Job.start_time.is_not(None))
+        .order_by(Job.submit_time.desc()).limit(1)
     )
 
 
