@@ -4,6 +4,10 @@ Money and quantities are NUMERIC with a fixed scale (``Money``), never float. Th
 (``ledger_transactions``, ``ledger_entries``) are append-only: a trigger created by the migrations
 refuses UPDATE and DELETE on them. ``account_balances`` is a running total kept by the ledger in
 the same database transaction as the entries, and ``openacct ledger verify`` recomputes it.
+
+``jobs``, ``ledger_transactions`` and ``ledger_entries`` are written thousands of rows at a time:
+their references (``account_id``, ``job_id``, …) are checked once per statement by triggers, not
+by row-level foreign keys, and the rows they refer to are never deleted (migration 0003).
 """
 
 from __future__ import annotations
@@ -269,7 +273,7 @@ class Job(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    system_id: Mapped[int] = mapped_column(ForeignKey("systems.id"))
+    system_id: Mapped[int] = mapped_column(Integer)
     job_id: Mapped[str] = mapped_column(String(64))
     array_job_id: Mapped[str | None] = mapped_column(String(64))
     array_task_id: Mapped[int | None] = mapped_column(Integer)
@@ -277,8 +281,8 @@ class Job(Base):
     submit_time: Mapped[dt.datetime] = mapped_column(Timestamp)
     start_time: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     end_time: Mapped[dt.datetime | None] = mapped_column(Timestamp)
-    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
-    account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"), index=True)
+    user_id: Mapped[int | None] = mapped_column(Integer)
+    account_id: Mapped[int | None] = mapped_column(Integer, index=True)
     partition: Mapped[str | None] = mapped_column(String(64))
     qos: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str | None] = mapped_column(String(32))
@@ -293,7 +297,7 @@ class Job(Base):
     charge_policy: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
 
-    system: Mapped[System] = relationship()
+    system: Mapped[System] = relationship(primaryjoin="foreign(Job.system_id) == System.id")
 
 
 class LedgerTransaction(Base):
@@ -312,11 +316,11 @@ class LedgerTransaction(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     # Size of the transaction, always >= 0; its direction comes from the kind (and the entries).
     amount: Mapped[Decimal] = mapped_column(Money)
-    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
-    counterparty_account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"))
-    service_id: Mapped[int | None] = mapped_column(ForeignKey("services.id"))
-    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
-    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    account_id: Mapped[int] = mapped_column(Integer)
+    counterparty_account_id: Mapped[int | None] = mapped_column(Integer)
+    service_id: Mapped[int | None] = mapped_column(Integer)
+    job_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    user_id: Mapped[int | None] = mapped_column(Integer)
     quantity: Mapped[Decimal | None] = mapped_column(Quantity)
     rate: Mapped[Decimal | None] = mapped_column(Rate)
     # The charge a refund or adjustment reverses, the hold a release frees.
@@ -331,6 +335,7 @@ class LedgerTransaction(Base):
 
     # Loaded with the transaction: callers get it back detached, entries and all.
     entries: Mapped[list[LedgerEntry]] = relationship(
+        primaryjoin="LedgerTransaction.id == foreign(LedgerEntry.transaction_id)",
         back_populates="transaction", order_by="LedgerEntry.id", lazy="selectin"
     )
 
@@ -346,15 +351,17 @@ class LedgerEntry(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    transaction_id: Mapped[int] = mapped_column(ForeignKey("ledger_transactions.id"), index=True)
-    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
-    allocation_id: Mapped[int | None] = mapped_column(ForeignKey("allocations.id"))
+    transaction_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    account_id: Mapped[int] = mapped_column(Integer)
+    allocation_id: Mapped[int | None] = mapped_column(Integer)
     bucket: Mapped[str] = mapped_column(String(16))
     # Signed: a positive amount grows the bucket, a negative one shrinks it.
     amount: Mapped[Decimal] = mapped_column(Money)
     effective_at: Mapped[dt.datetime] = mapped_column(Timestamp)
 
-    transaction: Mapped[LedgerTransaction] = relationship(back_populates="entries")
+    transaction: Mapped[LedgerTransaction] = relationship(
+        primaryjoin="LedgerTransaction.id == foreign(LedgerEntry.transaction_id)", back_populates="entries"
+    )
 
 
 class AccountBalance(Base):

@@ -16,6 +16,7 @@ import stat
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from shared.celery_app import ROUTES, TASKS
 log = logging.getLogger("openacct.relay")
 
 IDLE_POLL = 0.2
+# Batches taken from one listing of the spool: listing a spool of many thousand entries costs
+# more than the entries themselves if it is done again for every batch.
+BATCHES_PER_LISTING = 50
 MAX_BACKOFF = 30.0
 REPORT_EVERY = 10.0
 
@@ -51,10 +55,24 @@ def _read_entry(path: str) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path} is not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(spool.MAX_EVENT_BYTES + 1)
+        chunks = []
+        left = spool.MAX_EVENT_BYTES + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _delete(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # shipped but still there: it ships again, and the inbox drops it
+            log.error("cannot delete shipped spool entry %s: %s", path, exc)
 
 
 def check_spool_permissions(spool_dir: Path) -> None:
@@ -79,10 +97,33 @@ class Relay:
         self.spool_dir = spool_dir
         self.batch_size = batch_size
         self.shipped = 0
+        self._listed: list[str] = []  # spool entries listed and not yet shipped, oldest first
+        self._next = 0
+        # Deleting a shipped entry waits on the filesystem's journal far longer than reading it:
+        # a thread deletes one batch while the next is read and published.
+        self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-delete")
+        self._deleting: list[Future[None]] = []
 
     def ship_once(self) -> int:
-        """Publish one batch of spooled events; returns how many left the spool."""
-        paths = spool.pending(self.spool_dir, self.batch_size)
+        """Publish one batch of spooled events and delete it; returns how many left the spool."""
+        shipped = self.ship_batch()
+        self.settle()
+        return shipped
+
+    def settle(self) -> None:
+        """Wait until every shipped entry is deleted."""
+        for deleting in self._deleting:
+            deleting.result()
+        self._deleting.clear()
+
+    def ship_batch(self) -> int:
+        """Publish the next batch of spooled events; its entries are deleted in the background."""
+        if self._next >= len(self._listed):
+            self.settle()  # a new listing must not see entries already shipped
+            self._listed = spool.pending(self.spool_dir, self.batch_size * BATCHES_PER_LISTING)
+            self._next = 0
+        paths = self._listed[self._next:self._next + self.batch_size]
+        self._next += len(paths)
         if not paths:
             return 0
         by_queue: dict[str, list[Any]] = defaultdict(list)
@@ -102,14 +143,14 @@ class Relay:
             queue, item = message_item(raw)
             by_queue[queue].append(item)
             done.append(path)
-        for queue, items in by_queue.items():
-            self.app.send_task(TASKS[queue], args=[items], queue=queue, routing_key=queue,
-                               retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
-        for path in done:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        try:
+            for queue, items in by_queue.items():
+                self.app.send_task(TASKS[queue], args=[items], queue=queue, routing_key=queue,
+                                   retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+        except Exception:
+            self._listed, self._next = [], 0  # list again once the broker is back
+            raise
+        self._deleting.append(self._deleter.submit(_delete, done))
         self.shipped += len(done)
         return len(done)
 
@@ -129,7 +170,7 @@ class Relay:
         last_report = 0.0
         while not stop.is_set():
             try:
-                shipped = self.ship_once()
+                shipped = self.ship_batch()
                 if backoff:
                     log.warning("broker is back; shipping the spool")
                 backoff = 0.0
@@ -143,7 +184,9 @@ class Relay:
                 self.write_status()
                 last_report = now
             if shipped < self.batch_size:
+                self.settle()
                 stop.wait(IDLE_POLL)
+        self.settle()
 
     def write_status(self) -> None:
         """Backlog for health checks and ``openacct relay --status``: one small JSON file."""

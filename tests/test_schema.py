@@ -15,6 +15,8 @@ from shared.embedded import ensure_database
 from shared.migrate import alembic_config, upgrade
 from shared.models import Base
 
+HEAD = "0003"
+
 
 def test_migrated_database_matches_the_models(engine: Engine) -> None:
     with engine.connect() as conn:
@@ -50,7 +52,7 @@ def _schema(engine: Engine) -> dict[str, object]:
 def test_downgrade_then_upgrade_ends_identical(engine: Engine, scratch_engine: Engine) -> None:
     from alembic import command
 
-    assert upgrade(scratch_engine) == "0002"
+    assert upgrade(scratch_engine) == HEAD
     fresh = _schema(scratch_engine)
     with scratch_engine.begin() as conn:
         command.downgrade(alembic_config(conn), "base")
@@ -58,4 +60,36 @@ def test_downgrade_then_upgrade_ends_identical(engine: Engine, scratch_engine: E
     upgrade(scratch_engine)
     assert _schema(scratch_engine) == fresh == _schema(engine)
     # Upgrading an up-to-date database is a no-op.
-    assert upgrade(scratch_engine) == "0002"
+    assert upgrade(scratch_engine) == HEAD
+
+
+def test_references_of_the_hot_tables_are_checked_per_statement(db_connection, quickstart) -> None:  # type: ignore[no-untyped-def]
+    """jobs, ledger_transactions and ledger_entries have no row-level foreign keys: a trigger
+    checks each statement's rows, and refuses one that points nowhere, naming it."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    account = db_connection.execute(text("SELECT id FROM accounts ORDER BY id LIMIT 1")).scalar_one()
+    system = db_connection.execute(text("SELECT id FROM systems ORDER BY id LIMIT 1")).scalar_one()
+    insert_job = ("INSERT INTO jobs (system_id, job_id, submit_time, account_id) "
+                  "SELECT :system, 'j' || n, now(), :account FROM generate_series(1, 3) n")
+    with db_connection.begin_nested():
+        db_connection.execute(text(insert_job), {"system": system, "account": account})  # valid: accepted
+    with pytest.raises(IntegrityError, match=r"jobs.account_id = 999999 refers to no row of accounts"):
+        with db_connection.begin_nested():
+            db_connection.execute(text(insert_job.replace("generate_series(1, 3)", "generate_series(4, 5)")),
+                                  {"system": system, "account": 999999})
+    with pytest.raises(IntegrityError, match=r"ledger_entries.transaction_id = 424242 refers to no row"):
+        with db_connection.begin_nested():
+            db_connection.execute(text(
+                "INSERT INTO ledger_entries (transaction_id, account_id, bucket, amount, effective_at) "
+                "VALUES (424242, :account, 'charged', 1, now())"), {"account": account})
+
+
+@pytest.mark.parametrize("table", ["systems", "users", "accounts", "services", "allocations", "jobs"])
+def test_rows_the_ledger_refers_to_are_never_deleted(db_connection, quickstart, table: str) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError, match=f"rows of {table} are never deleted"):
+        db_connection.execute(text(f"DELETE FROM {table}"))

@@ -62,10 +62,11 @@ def relay(
         count, oldest = spool.backlog(settings.spool_path)
         emit_json({"spool": str(settings.spool_path), "backlog": count, "oldest_seconds": round(oldest, 3)})
         return
-    from shared.celery_app import get_app
+    from shared.celery_app import freeze_startup_objects, get_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s")
     the_relay = Relay(get_app(), settings.spool_path, settings.relay_batch_size)
+    freeze_startup_objects()
     if once:
         while the_relay.ship_once():
             pass
