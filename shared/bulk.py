@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 _dialect = postgresql.dialect()
 
 
-def _array_type(table: Table, column: str) -> str:
-    return f"{table.c[column].type.compile(dialect=_dialect)}[]"
+def _type(table: Table, column: str) -> str:
+    return table.c[column].type.compile(dialect=_dialect)
 
 
 def insert_rows(
@@ -38,15 +38,23 @@ def insert_rows(
     if not rows:
         return []
     columns = list(rows[0])
-    arrays = ", ".join(f"%({c})b::{_array_type(table, c)}" for c in columns)
-    sql = f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
+    values = {c: [row[c] for row in rows] for c in columns}
+    # A column with the same value in every row (the kind, the actor, a NULL) is sent once, not
+    # once per row: dumping arrays is the client's main cost here.
+    constant = {c for c, v in values.items() if v.count(v[0]) == len(v)}
+    arrays = [c for c in columns if c not in constant] or columns[:1]
+    select = ", ".join(f"%({c})b::{_type(table, c)}" if c not in arrays else c for c in columns)
+    unnest = ", ".join(f"%({c})b::{_type(table, c)}[]" for c in arrays)
+    sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) "
+           f"SELECT {select} FROM unnest({unnest}) AS batch({', '.join(arrays)})")
     if on_conflict:
         sql += f" ON CONFLICT {on_conflict}"
     if returning:
         sql += f" RETURNING {', '.join(returning)}"
+    params = {c: values[c] if c in arrays else values[c][0] for c in columns}
     connection = session.connection().connection.driver_connection
     with connection.cursor() as cursor:  # type: ignore[union-attr]
-        cursor.execute(sql, {c: [row[c] for row in rows] for c in columns})
+        cursor.execute(sql, params)
         return cursor.fetchall() if returning else []
 
 

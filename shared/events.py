@@ -47,10 +47,13 @@ JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9]
 Count = Annotated[int, Field(ge=0, le=10_000_000, strict=True)]
 
 
+EARLIEST = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
+
+
 def _aware(value: dt.datetime) -> dt.datetime:
     if value.tzinfo is None:
         raise ValueError("must carry a time zone (an offset or Z), or be epoch seconds")
-    if not dt.datetime(1990, 1, 1, tzinfo=dt.UTC) <= value <= dt.datetime.now(dt.UTC) + CLOCK_SKEW:
+    if not EARLIEST <= value <= dt.datetime.now(dt.UTC) + CLOCK_SKEW:
         raise ValueError("is not a plausible time (before 1990 or in the future)")
     return value.astimezone(dt.UTC)
 

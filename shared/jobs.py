@@ -35,11 +35,16 @@ def job_key(values: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(values.get(k) for k in JOB_KEY)
 
 
+def _order(job: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple((v is not None, v) for v in job_key(job))
+
+
 def upsert_jobs(session: Session, jobs: Sequence[Mapping[str, Any]]) -> dict[tuple[Any, ...], int]:
     """Insert or merge ``jobs`` (one per natural key); returns each key's job id."""
     if not jobs:
         return {}
-    rows = [{c: job.get(c) for c in JOB_COLUMNS} for job in jobs]
+    # In one order for every writer, so that two upserting the same jobs cannot deadlock.
+    rows = sorted(({c: job.get(c) for c in JOB_COLUMNS} for job in jobs), key=_order)
     written = bulk.insert_rows(session, Job.__table__, rows,
                                on_conflict=f"({', '.join(JOB_KEY)}) DO UPDATE SET {_MERGE}",
                                returning=("id", *JOB_KEY))

@@ -59,17 +59,17 @@ def now() -> dt.datetime:
 # --------------------------------------------------------------------------- idempotency
 
 
+def _plain(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f")
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat()
+    return repr(value)
+
+
 def _request_hash(kind: str, request: dict[str, Any]) -> str:
     """A fingerprint of what was asked, independent of how numbers and times were written."""
-
-    def plain(value: Any) -> str:
-        if isinstance(value, Decimal):
-            return format(value.normalize(), "f")
-        if isinstance(value, dt.datetime):
-            return value.astimezone(dt.UTC).isoformat()
-        return repr(value)
-
-    canonical = "\x1f".join([kind, *(f"{k}={plain(request[k])}" for k in sorted(request))])
+    canonical = "\x1f".join([kind, *(f"{k}={_plain(request[k])}" for k in sorted(request))])
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -109,9 +109,8 @@ def _lock_then_replay(session: Session, key: str, digest: str, *accounts: Accoun
 def _lock_accounts(session: Session, *accounts: Account | int) -> None:
     """Serialize the ledger's writers per account, in id order so that two cannot deadlock.
 
-    FOR NO KEY UPDATE, not FOR UPDATE: inserting a row that references an account (a job, an
-    entry) takes a KEY SHARE lock on it, which FOR UPDATE would wait for, deadlocking two
-    charger batches that each recorded jobs before charging them."""
+    FOR NO KEY UPDATE, not FOR UPDATE: it excludes the other writers, which is all it is for,
+    and not the KEY SHARE locks that rows referencing the account by a foreign key take."""
     ids = sorted({a if isinstance(a, int) else a.id for a in accounts})
     session.execute(select(Account.id).where(Account.id.in_(ids)).order_by(Account.id).with_for_update(key_share=True))
 
@@ -266,10 +265,12 @@ def charge_request_hash(
     account_id: int, service_id: int, quantity: Decimal, multiplier: Decimal,
     user_id: int | None, job_id: int | None, effective_at: dt.datetime | None,
 ) -> str:
-    return _request_hash("charge", {
-        "account": account_id, "service": service_id, "quantity": quantity,
-        "multiplier": multiplier, "user": user_id, "job": job_id, "effective_at": effective_at,
-    })
+    # _request_hash("charge", {...}) spelled out, keys in sorted order: the charger computes
+    # thousands per batch.
+    canonical = (f"charge\x1faccount={account_id!r}\x1feffective_at={_plain(effective_at)}\x1fjob={job_id!r}"
+                 f"\x1fmultiplier={_plain(multiplier)}\x1fquantity={_plain(quantity)}"
+                 f"\x1fservice={service_id!r}\x1fuser={user_id!r}")
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -422,8 +423,6 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
             continue
         priced.append((r, table[i - 1], round_money(r.quantity * table[i - 1] * r.multiplier)))
 
-    account_ids = sorted({r.account_id for r, _, _ in priced})
-    _lock_accounts(session, *account_ids)
     for key, txn_id, digest in session.execute(
         select(LedgerTransaction.idempotency_key, LedgerTransaction.id, LedgerTransaction.request_hash)
         .where(bulk.any_of(LedgerTransaction.idempotency_key, [r.key for r, _, _ in priced]))
@@ -436,12 +435,8 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
     if not todo:
         return result
 
-    buckets = _buckets(session, account_ids)
-    slices = {
-        r.key: [(b.id if b else None, x) for b, x in _draw(buckets.get(r.account_id, ()), amount, r.effective_at)]
-        for r, _, amount in todo
-    }
-
+    # The transactions go in before the accounts are locked: their unique keys settle any race
+    # on a key, and other writers on these accounts wait only while the money is drawn.
     inserted = bulk.insert_rows(
         session, LedgerTransaction.__table__,
         [
@@ -450,7 +445,8 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
              "quantity": r.quantity, "rate": rate, "user_id": r.user_id, "job_id": r.job_id,
              "effective_at": r.effective_at, "description": r.description, "actor": r.actor,
              "details": json.dumps({"multiplier": money_str(r.multiplier), **r.details})}
-            for r, rate, amount in todo
+            # one order of key locks for every writer: two batches never deadlock on keys
+            for r, rate, amount in sorted(todo, key=lambda t: t[0].key)
         ],
         on_conflict="(idempotency_key) DO NOTHING", returning=("idempotency_key", "id"),
     )
@@ -466,16 +462,20 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
                 result.transactions[key] = txn_id
             else:
                 result.refused[key] = _conflict_message(key, txn_id)
+    account_ids = sorted({r.account_id for r, _, _ in todo if r.key in written})
+    _lock_accounts(session, *account_ids)
+    buckets = _buckets(session, account_ids)
     entries = []
     totals: dict[tuple[int, int | None], Decimal] = defaultdict(lambda: ZERO)
-    for r, _, _ in todo:
+    for r, _, amount in todo:
         if r.key not in written:
             continue  # sorted above: replayed or refused
-        for allocation_id, amount in slices[r.key]:
+        for allocation, part in _draw(buckets.get(r.account_id, ()), amount, r.effective_at):
+            allocation_id = allocation.id if allocation else None
             entries.append({"transaction_id": written[r.key], "account_id": r.account_id,
                             "allocation_id": allocation_id, "bucket": "charged",
-                            "amount": amount, "effective_at": r.effective_at})
-            totals[(r.account_id, allocation_id)] += amount
+                            "amount": part, "effective_at": r.effective_at})
+            totals[(r.account_id, allocation_id)] += part
     if entries:
         bulk.insert_rows(session, LedgerEntry.__table__, entries)
         _add_to_balances(session, {k: {"charged": v} for k, v in totals.items()})

@@ -320,3 +320,16 @@ def test_a_typo_in_free_states_is_refused() -> None:
     with pytest.raises(ValidationError, match="unknown job state.*NODEFAIL"):
         Settings(free_states=["NODEFAIL"])
     assert Settings(free_states=["node_fail", "timeout"]).free_states == ["NODE_FAIL", "TIMEOUT"]
+
+
+@pytest.mark.parametrize("args", [
+    (1, 2, Decimal("1.500000"), Decimal("1"), 3, 4, dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
+    (7, 8, Decimal("0E-6"), Decimal("2.50"), None, None, None),
+])
+def test_the_chargers_request_hash_is_the_ledgers(args: tuple) -> None:  # type: ignore[type-arg]
+    """The charger's spelled-out fingerprint must equal the generic one, or a charge replayed
+    through the other path would be refused as a different request."""
+    from shared.ledger import _request_hash, charge_request_hash
+
+    names = ("account", "service", "quantity", "multiplier", "user", "job", "effective_at")
+    assert charge_request_hash(*args) == _request_hash("charge", dict(zip(names, args, strict=True)))

@@ -225,6 +225,7 @@ def _claim(session: Session, plans: list[Plan]) -> set[str]:
         return set()
     return {row[0] for row in bulk.insert_rows(
         session, ProcessedEvent.__table__,
-        [{"event_id": p.event.event_id, "kind": p.event.kind} for p in plans],
+        # in one order for every batch, so that two claiming the same events cannot deadlock
+        sorted(({"event_id": p.event.event_id, "kind": p.event.kind} for p in plans), key=lambda r: r["event_id"]),
         on_conflict="(event_id) DO NOTHING", returning=("event_id",),
     )}

@@ -74,14 +74,14 @@ class Directory:
                                        if e.system in sys_ids and e.account})
         project_ids = {a.project_id for a in accounts.values()}
         account_ids = {a.id for a in accounts.values()}
-        members = set(session.execute(
+        members = set(map(tuple, session.execute(
             select(ProjectMember.project_id, ProjectMember.user_id)
             .where(ProjectMember.project_id.in_(project_ids), ProjectMember.user_id.in_(set(users.values())))
-        ))
-        grants = set(session.execute(
+        )))
+        grants = set(map(tuple, session.execute(
             select(ServiceGrant.account_id, ServiceGrant.service_id)
             .where(ServiceGrant.account_id.in_(account_ids), ServiceGrant.revoked_at.is_(None))
-        ))
+        )))
         return cls(systems, users, accounts, members, grants)
 
     def system(self, name: str) -> SystemInfo:
