@@ -17,9 +17,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from shared.celery_app import ROUTES
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.deadletter import Parked, park, raw_bytes
+from shared.events import EventRejected, parse_event
 from shared.models import TaskDelivery
 
 log = logging.getLogger("openacct.worker")
@@ -43,6 +45,26 @@ class Outcome:
 
 
 Handler = Callable[..., Outcome]
+
+
+def sort_out(items: list[Any], accepted: tuple[type, ...], worker: str, source: str) -> tuple[list[tuple[Any, bytes]], list[Parked]]:
+    """Parse a batch: the events this worker applies, with their raw bytes, and the rest parked
+    with the reason (unreadable, invalid, or another worker's kind)."""
+    events: list[tuple[Any, bytes]] = []
+    parked: list[Parked] = []
+    for item in items:
+        raw = raw_bytes(item)
+        try:
+            event = parse_event(raw)
+        except EventRejected as exc:
+            parked.append(Parked(raw, str(exc), source=source))
+            continue
+        if not isinstance(event, accepted):
+            parked.append(Parked(raw, f"{event.kind} events go to the {ROUTES[event.kind]}, not the {worker}",
+                                 event.event_id, event.kind, source))
+            continue
+        events.append((event, raw))
+    return events, parked
 
 
 def count_delivery(delivery_id: str) -> int:

@@ -224,9 +224,9 @@ CASES = [
     Case("schema-version-2", lambda: text(bad(schema_version=2)), "unsupported schema_version 2 (this OpenAcct reads 1)"),
     Case("unknown-kind", lambda: text(bad(kind="job.exploded")), "unknown kind 'job.exploded'"),
     Case("refund-sent-to-the-charger", lambda: refund(),
-         "refund.requested events go to the refunder or reporter, not the charger"),
+         "refund.requested events go to the refunder, not the charger"),
     Case("refund-with-a-nul-in-its-id", lambda: refund(event_id="refund:\x00; DROP TABLE jobs"),
-         "refund.requested events go to the refunder or reporter", check=_id_kept_printable),
+         "refund.requested events go to the refunder, not the charger", check=_id_kept_printable),
     # forgery and smuggling
     Case("forged-event-id", lambda: text(bad(event_id=before()["event_id"])), "does not match its job"),
     Case("extra-fields", lambda: text(bad(rate="0", comment="free")), "rate: Extra inputs are not permitted"),

@@ -10,7 +10,7 @@ import typer
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from typer._click.exceptions import ClickException  # typer >= 0.29 ships its own click
 
-from openacct.cli import center, money, pipeline, publish
+from openacct.cli import center, money, pipeline, publish, refunds
 from openacct.cli.shell import shell
 from shared.errors import OpenAcctError
 
@@ -90,6 +90,8 @@ app.add_typer(pipeline.deadletter_app, name="deadletter")
 app.add_typer(pipeline.job_app, name="job")
 app.add_typer(pipeline.events_app, name="events")
 app.command("publish")(publish.publish)
+app.command("refund")(refunds.refund)
+app.command("incident")(refunds.incident)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,8 +21,8 @@ from shared.errors import InvalidInput, NotFound
 from shared.ledger import now
 from shared.models import Account, Job, LedgerTransaction, ParkedEvent, Service, System, User
 
-WORKERS = ("charger",)
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "shared" / "schemas"  # the refunder and reporter join with their issue
+WORKERS = ("charger", "refunder")
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 
 deadletter_app = typer.Typer(help="Events that could not be applied, with the reason.", no_args_is_help=True)
 job_app = typer.Typer(help="Jobs and what they were charged.", no_args_is_help=True)
@@ -120,6 +120,7 @@ def deadletter_replay(
 ) -> None:
     """Apply parked events again, once their cause is fixed. Each that fails is parked anew."""
     from services.charger.batch import charge_events
+    from services.refunder.batch import refund_events
 
     if bool(ids) == everything:
         raise typer.BadParameter("name parked event numbers, or --all")
@@ -133,10 +134,12 @@ def deadletter_replay(
             if p.replayed_at is not None:
                 raise InvalidInput(f"parked event #{parked_id} was already replayed at {p.replayed_at.isoformat()}")
             p.replayed_at = now()
+            kind = p.kind
             s.flush()
             try:
                 with s.begin_nested():
-                    outcome = charge_events(s, [p.payload.decode("utf-8", "surrogateescape")], source="replay")
+                    apply = refund_events if kind == "refund.requested" else charge_events
+                    outcome = apply(s, [p.payload.decode("utf-8", "surrogateescape")], source="replay")
             except Exception as exc:  # the same isolation a worker gives a failing event
                 park(s, [Parked(p.payload, f"could not be applied: {type(exc).__name__}: {exc}", p.event_id, p.kind, "replay")])
                 outcome = None
@@ -144,7 +147,8 @@ def deadletter_replay(
             failed += 1
             typer.echo(f"#{parked_id}: parked again (see openacct deadletter list)", err=True)
         else:
-            what = "charged" if outcome.charged else "duplicate, already applied" if outcome.duplicates else "recorded"
+            what = ("charged" if outcome.charged else "duplicate, already applied" if outcome.duplicates
+                    else "refunded" if kind == "refund.requested" else "recorded")
             done(f"#{parked_id}: {what}")
     if failed:
         raise typer.Exit(1)

@@ -17,12 +17,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.batches import Outcome
+from services.batches import Outcome, sort_out
 from services.charger.directory import Directory, SystemInfo, Unresolved
 from shared import bulk, ledger
 from shared.config import get_settings
-from shared.deadletter import Parked, park, raw_bytes
-from shared.events import LONGEST_JOB, EventRejected, JobCompleted, JobStarted, parse_event
+from shared.deadletter import Parked, park
+from shared.events import LONGEST_JOB, JobCompleted, JobStarted
 from shared.jobs import job_key, upsert_jobs
 from shared.models import Job, ProcessedEvent
 
@@ -45,20 +45,7 @@ class Plan:
 
 def charge_events(session: Session, items: list[Any], *, source: str = "") -> Outcome:
     outcome = Outcome()
-    parked: list[Parked] = []
-    candidates: list[tuple[JobStarted | JobCompleted, bytes]] = []
-    for item in items:
-        raw = raw_bytes(item)
-        try:
-            event = parse_event(raw)
-        except EventRejected as exc:
-            parked.append(Parked(raw, str(exc), source=source))
-            continue
-        if not isinstance(event, JobStarted | JobCompleted):
-            parked.append(Parked(raw, f"{event.kind} events go to the refunder or reporter, not the charger",
-                                 event.event_id, event.kind, source))
-            continue
-        candidates.append((event, raw))
+    candidates, parked = sort_out(items, (JobStarted, JobCompleted), "charger", source)
 
     ids = {e.event_id for e, _ in candidates}
     seen = set(session.scalars(select(ProcessedEvent.event_id).where(bulk.any_of(ProcessedEvent.event_id, ids))))

@@ -127,6 +127,11 @@ class Directory:
         return found
 
 
+def system_named(session: Session, name: str) -> SystemInfo | None:
+    """A system by its name or one of its aliases, as job events name it."""
+    return _systems(session, {name}).get(name)
+
+
 def _systems(session: Session, names: set[str]) -> dict[str, SystemInfo]:
     found: dict[str, SystemInfo] = {}
     for system in session.scalars(select(System).where(System.name.in_(names))):

@@ -1,0 +1,15 @@
+"""The refunder's Celery task: thin, late-acked, retried while the database is away."""
+
+from __future__ import annotations
+
+from services.batches import RETRYABLE, run_batch
+from services.refunder.batch import refund_events
+from shared.celery_app import get_app
+
+app = get_app()
+
+
+@app.task(name="refunder.process_batch", bind=True, autoretry_for=RETRYABLE, retry_backoff=True,
+          retry_backoff_max=60, retry_jitter=True, max_retries=None)
+def process_batch(self, events: list) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    return run_batch(self, events, refund_events, source="refunder")
