@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from shared.spool import pending_events  # noqa: E402
+
 FIXTURE = ROOT / "tests" / "fixtures" / "slurm-22.05-hook-env.jsonl"
 OPENACCT = Path(sys.executable).with_name("openacct")
 TARGET_P50_MS, TARGET_P99_MS = 25.0, 50.0
@@ -101,7 +104,7 @@ def main() -> int:
             if i >= WARMUP:
                 for name, ms in samples.items():
                     times[name].append(ms)
-        spooled = sum(len(list((spool / "new").glob("*.json"))) for spool in passes.values())
+        spooled = sum(len(pending_events(spool)) for spool in passes.values())
         rejects = sum(len(list((spool / "reject").glob("*.reason"))) for spool in passes.values())
 
     print(f"openacct hook slurm-jobcomp: {args.runs} runs per pass, settings from {args.settings}, {sys.executable}")

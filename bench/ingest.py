@@ -108,10 +108,8 @@ def run_openacct(url: str, env: dict[str, str], tmp: Path, count: int) -> tuple[
 
     spool_dir = tmp / "spool"
     spool.ensure(spool_dir)
-    staged = tmp / "staged"
-    staged.mkdir()
-    for data in events(1_000_000, count):
-        spool.write(staged, data[-60:].hex(), data)  # names only need to be unique
+    staged = tmp / "staged.seg"  # the log as hooks would have written it, in one go
+    staged.write_bytes(b"".join(spool.frame(data) for data in events(1_000_000, count)))
     env = {**env, "OPENACCT_SPOOL_DIR": str(spool_dir)}
     worker = Process(["worker", "charger", "-c", "2", "--loglevel", "info"], env, tmp / "charger.log").start()
     relay = Process(["relay"], env, tmp / "relay.log")
@@ -123,8 +121,7 @@ def run_openacct(url: str, env: dict[str, str], tmp: Path, count: int) -> tuple[
                  "redis": "redis-server"}
         before = {name: cpu_seconds(m) for name, m in parts.items()}
         started = time.monotonic()
-        for entry in os.scandir(staged / spool.NEW):
-            os.rename(entry.path, spool_dir / spool.NEW / entry.name)
+        os.rename(staged, spool_dir / spool.LOG / spool.CURRENT)
         wait_until(url, count, 600)
         elapsed = time.monotonic() - started
         used = {name: (cpu_seconds(m) - before[name]) / count * 1e6 for name, m in parts.items()}

@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import func, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from shared.celery_app import ROUTES
 from shared.config import get_settings
@@ -89,17 +91,27 @@ def run_batch(task: Any, items: list[Any], handler: Handler, source: str) -> dic
                   "administrator to replay")
         with session_scope() as session:
             parked = park(session, [Parked(raw_bytes(i), reason, source=source) for i in items])
+            mark_applied(session, task.request.id)
         log.error("%s: %d events parked", reason, parked)
         return asdict(Outcome(parked=parked))
     try:
         with session_scope() as session:
             outcome = handler(session, items, source=source)
+            mark_applied(session, task.request.id)
     except RETRYABLE:
         raise
     except Exception:
         log.exception("batch of %d failed as a whole; applying its events one by one", len(items))
         outcome = apply_one_by_one(items, handler, source)
+        with session_scope() as session:
+            mark_applied(session, task.request.id)
     return asdict(outcome)
+
+
+def mark_applied(session: Session, delivery_id: str) -> None:
+    """The task's events are applied or parked: the relay may let go of them."""
+    session.execute(update(TaskDelivery).where(TaskDelivery.task_id == delivery_id[:64])
+                    .values(completed_at=func.now()))
 
 
 def apply_one_by_one(items: list[Any], handler: Handler, source: str) -> Outcome:

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         description="Job states not charged; jobs ending in any other state pay for their elapsed time.",
     )
     relay_batch_size: int = Field(default=1000, ge=1, le=20_000)
+    relay_confirms: bool = Field(
+        default=True,
+        description="The relay keeps spooled events until a worker has applied them (it reads "
+        "that from the database) and publishes again what a broker lost. Off: an event leaves "
+        "the spool once the broker has it (for a relay that cannot reach the database).",
+    )
     broker_visibility_timeout: int = Field(
         default=3600, ge=5, description="Seconds before Redis redelivers an unacknowledged task."
     )

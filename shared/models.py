@@ -474,11 +474,14 @@ class ChargeMultiplier(Base):
 
 
 class TaskDelivery(Base):
-    """How often a worker has started a task: Redis cannot count redeliveries, so the workers do,
-    and park a batch that keeps failing instead of retrying it forever."""
+    """How often a worker has started a task, and when it was applied: Redis cannot count
+    redeliveries, so the workers do, and park a batch that keeps failing instead of retrying it
+    forever; the relay lets go of spooled events once their task is applied."""
 
     __tablename__ = "task_deliveries"
 
     task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     deliveries: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     first_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    # Set in the transaction that applied (or parked) the task's events: what the relay waits for.
+    completed_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)

@@ -1,22 +1,35 @@
 """The local spool between the scheduler hooks and the relay. Standard library only.
 
-A hook writes each event to ``tmp/``, fsyncs it and renames it into ``new/`` (an atomic step on
-one filesystem), then fsyncs the directory: once the hook has exited 0 the event survives a
-crash or a power cut. The relay reads ``new/`` oldest first and deletes an entry only after the
-broker has confirmed it. Input that is not an event goes to ``reject/`` with its reason.
+A hook appends each event to the spool's log, ``log/current``, as one framed record, and fsyncs
+it: once the hook has exited 0 the event survives a crash or a power cut. The relay renames the
+log to a segment (``log/<ns>.seg``) when it wants more to ship, waits for any writer still
+appending to it (writers hold a lock while they write, and check after locking that the file
+they opened is still the current log), ships the segment's records and deletes the segment once
+the broker has all of them: one file deletion per segment, not per event, which on a journaling
+filesystem costs more than the rest of the relay's work together.
 
-Names are ``<ns since epoch>-<event id>.json``: they sort by the time they were spooled.
+A record is ``\nOA1 <crc32 hex> <length> <ns spooled> <event bytes>``. Its CRC finds a record
+torn by a crash mid-append, and the newline before every record lets the next one be found
+after it; the relay sets torn bytes aside in ``reject/``. ``new/`` holds events as files of
+their own (``<ns>-<event id>.json``): where a hook cannot append to the log (a log another user
+created unwritable) and from releases before the log; the relay ships both. Input that is not
+an event goes to ``reject/`` with its reason.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
+import zlib
 
 # Paths are plain strings: pathlib costs a hook several milliseconds to import.
 PathLike = str | os.PathLike[str]
 
-TMP, NEW, REJECT = "tmp", "new", "reject"
+TMP, NEW, REJECT, LOG = "tmp", "new", "reject", "log"
+CURRENT, SEGMENT = "current", ".seg"
+PROGRESS = ".shipped"  # beside a segment the relay is shipping: how many of its records are out
+MAGIC = b"\nOA1 "
 # An event is a few hundred bytes; anything near this is not one.
 MAX_EVENT_BYTES = 256 * 1024
 
@@ -24,7 +37,7 @@ MAX_EVENT_BYTES = 256 * 1024
 def ensure(spool_dir: PathLike) -> None:
     """Create the spool, readable and writable by its owner and group only (the hooks' user and
     the relay): whoever can write to it can put events in it."""
-    for part in (TMP, NEW, REJECT):
+    for part in (TMP, NEW, REJECT, LOG):
         path = os.path.join(spool_dir, part)
         if not os.path.isdir(path):
             os.makedirs(path, mode=0o770, exist_ok=True)
@@ -44,11 +57,7 @@ def durable_write(directory: str, name: str, data: bytes, tmp_dir: str) -> str:
         os.close(fd)
     final = os.path.join(directory, name)
     os.rename(tmp, final)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(directory)
     return final
 
 
@@ -57,7 +66,62 @@ def _safe(event_id: str) -> str:
 
 
 def write(spool_dir: PathLike, event_id: str, data: bytes) -> str:
-    """Spool one event durably; returns its path in ``new/``."""
+    """Spool one event durably; returns where it went."""
+    spool_dir = os.fspath(spool_dir)
+    try:
+        return append(spool_dir, data)
+    except FileNotFoundError:
+        ensure(spool_dir)
+        return append(spool_dir, data)
+    except PermissionError:  # a log this user may not append to: the event still goes in
+        return write_file(spool_dir, event_id, data)
+
+
+def append(spool_dir: str, data: bytes) -> str:
+    """Append one record to the log and fsync it."""
+    path = os.path.join(spool_dir, LOG, CURRENT)
+    record = frame(data)
+    for _ in range(1000):
+        created = False
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
+            except FileExistsError:
+                continue
+            created = True
+        try:
+            # Exclusive while writing, so that a record is never split by another's; the relay
+            # takes the same lock to know that a rotated log has no writer left.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    continue  # rotated between our open and our lock: append to the new log
+            except FileNotFoundError:
+                continue
+            if created:
+                os.fchmod(fd, 0o660)  # the group (hooks and relay) shares the log, whatever the umask
+            view = memoryview(record)
+            while view:
+                view = view[os.write(fd, view):]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(os.path.dirname(path))
+        return path
+    raise OSError(f"{path} kept being rotated while appending to it")
+
+
+def frame(data: bytes) -> bytes:
+    """One event as a record of the log."""
+    return MAGIC + b"%08x %d %d " % (zlib.crc32(data), len(data), time.time_ns()) + data
+
+
+def write_file(spool_dir: PathLike, event_id: str, data: bytes) -> str:
+    """Spool one event as a file of its own in ``new/``; returns its path."""
     spool_dir = os.fspath(spool_dir)
     name = f"{time.time_ns():020d}-{_safe(event_id)}.json"
     new, tmp = os.path.join(spool_dir, NEW), os.path.join(spool_dir, TMP)
@@ -66,6 +130,14 @@ def write(spool_dir: PathLike, event_id: str, data: bytes) -> str:
     except FileNotFoundError:
         ensure(spool_dir)
         return durable_write(new, name, data, tmp)
+
+
+def _fsync_dir(directory: str) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def reject(spool_dir: PathLike, raw: bytes, reason: str, source: str) -> str:
@@ -90,7 +162,7 @@ def set_aside(spool_dir: PathLike, path: str, reason: str, source: str) -> str:
 
 
 def pending(spool_dir: PathLike, limit: int) -> list[str]:
-    """Up to ``limit`` spooled events, oldest first."""
+    """Up to ``limit`` events spooled as files of their own, oldest first."""
     new = os.path.join(spool_dir, NEW)
     try:
         names = sorted(e.name for e in os.scandir(new) if e.name.endswith(".json"))
@@ -99,13 +171,112 @@ def pending(spool_dir: PathLike, limit: int) -> list[str]:
     return [os.path.join(new, n) for n in names[:limit]]
 
 
+def rotate(spool_dir: PathLike) -> None:
+    """Turn the log into a segment for the relay, once no writer is left in it."""
+    log = os.path.join(spool_dir, LOG)
+    path = os.path.join(log, CURRENT)
+    try:
+        if os.stat(path).st_size == 0:
+            return
+    except FileNotFoundError:
+        return
+    segment = os.path.join(log, f"{time.time_ns():020d}{SEGMENT}")
+    os.rename(path, segment)
+    fd = os.open(segment, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a writer that locked the log before the rename
+    finally:
+        os.close(fd)
+    _fsync_dir(log)
+
+
+def segments(spool_dir: PathLike) -> list[str]:
+    """The log's segments, oldest first."""
+    log = os.path.join(spool_dir, LOG)
+    try:
+        return sorted(os.path.join(log, e.name) for e in os.scandir(log) if e.name.endswith(SEGMENT))
+    except FileNotFoundError:
+        return []
+
+
+def read_records(data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
+    """The whole records of a log as (ns spooled, event bytes), and the torn ones as (offset,
+    bytes) for setting aside."""
+    records: list[tuple[int, bytes]] = []
+    torn: list[tuple[int, bytes]] = []
+    at = data.find(MAGIC)
+    if at > 0:
+        torn.append((0, data[:at]))
+    while at >= 0:
+        start = at + len(MAGIC)
+        try:
+            crc, length, ns, rest = data[start:start + 64].split(b" ", 3)
+            body_at = start + len(crc) + len(length) + len(ns) + 3
+            body = data[body_at:body_at + int(length)]
+            whole = len(body) == int(length) and zlib.crc32(body) == int(crc, 16)
+        except ValueError:
+            whole = False
+        if whole:
+            records.append((int(ns), body))
+            at = data.find(MAGIC, body_at + len(body))
+        else:
+            following = data.find(MAGIC, at + 1)
+            torn.append((at, data[at:following if following >= 0 else len(data)]))
+            at = following
+    return records, torn
+
+
+def _log_files(spool_dir: PathLike) -> list[str]:
+    return [*segments(spool_dir), os.path.join(spool_dir, LOG, CURRENT)]
+
+
+def pending_events(spool_dir: PathLike) -> list[bytes]:
+    """Every event waiting in the spool, oldest first: for tests and inspection."""
+    events: list[tuple[int, bytes]] = []
+    for path in _log_files(spool_dir):
+        try:
+            with open(path, "rb") as f:
+                records, _ = read_records(f.read())
+        except FileNotFoundError:
+            continue
+        events += records[shipped_count(path):]
+    for path in pending(spool_dir, 10**9):
+        with open(path, "rb") as f:
+            events.append((int(os.path.basename(path).split("-", 1)[0]), f.read()))
+    return [data for _, data in sorted(events, key=lambda e: e[0])]
+
+
+def shipped_count(segment: str) -> int:
+    """How many records of a segment the relay has shipped (its progress note; 0 if none)."""
+    try:
+        with open(segment + PROGRESS, "rb") as f:
+            return int(f.read() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 def backlog(spool_dir: PathLike) -> tuple[int, float]:
     """How many events wait, and the age in seconds of the oldest."""
+    count, oldest_ns = 0, None
+    for path in _log_files(spool_dir):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        records, _ = read_records(data)
+        waiting = records[shipped_count(path):]
+        count += len(waiting)
+        if waiting:
+            oldest_ns = min(oldest_ns or waiting[0][0], waiting[0][0])
     try:
         names = [e.name for e in os.scandir(os.path.join(spool_dir, NEW)) if e.name.endswith(".json")]
     except FileNotFoundError:
-        return 0, 0.0
-    if not names:
-        return 0, 0.0
-    oldest_ns = int(min(names).split("-", 1)[0])
-    return len(names), max(0.0, (time.time_ns() - oldest_ns) / 1e9)
+        names = []
+    if names:
+        count += len(names)
+        first = int(min(names).split("-", 1)[0])
+        oldest_ns = min(oldest_ns or first, first)
+    if not count or oldest_ns is None:
+        return count, 0.0
+    return count, max(0.0, (time.time_ns() - oldest_ns) / 1e9)

@@ -54,7 +54,7 @@ def epoch(moment: dt.datetime | None) -> int | None:
 
 
 def spooled(spool_dir: Path) -> list[dict]:
-    return [json.loads(Path(p).read_bytes()) for p in spool.pending(spool_dir, 10_000)]
+    return [json.loads(data) for data in spool.pending_events(spool_dir)]
 
 
 def rejected(spool_dir: Path) -> list[tuple[str, bytes]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -33,9 +35,10 @@ def test_unreadable_entries_are_set_aside_and_the_rest_ships(redis, tmp_path: Pa
     os.mkdir(spool_dir / "new" / "00000000000000000001-a-directory.json")
     os.mkfifo(spool_dir / "new" / "00000000000000000002-a-fifo.json")
     relay = relay_for(redis.url, spool_dir)
-    assert relay.ship_once() == 1
+    assert relay.ship_once() == 1  # the log's event
+    assert relay.ship_once() == 0  # the files of new/: neither can be read as an event
     assert queued(redis) == 1
-    assert spool.pending(spool_dir, 10) == []
+    assert spool.pending(spool_dir, 10) == [] and spool.backlog(spool_dir)[0] == 0
     reject = spool_dir / "reject"
     assert {p.name for p in reject.iterdir()} == {
         "00000000000000000001-a-directory.raw", "00000000000000000001-a-directory.reason",
@@ -50,3 +53,41 @@ def test_a_spool_anyone_can_write_to_is_refused(tmp_path: Path) -> None:
     os.chmod(tmp_path / "new", 0o777)
     with pytest.raises(SystemExit, match="writable by every user"):
         check_spool_permissions(tmp_path)
+
+
+def test_events_stay_spooled_until_applied_and_ship_again_if_a_broker_lost_them(redis, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What a worker marks applied (the database's task_deliveries, here a set) lets the relay
+    drop the events; a task never applied is published again after ``reship_after``."""
+    spool_dir = tmp_path / "spool"
+    for n in range(250):
+        event = job_completed(n)
+        spool.write(spool_dir, event["event_id"], raw(event))
+    applied: set[str] = set()
+    app = Celery("relay-test")
+    configure(app, Settings(broker_url=redis.url))
+    relay = Relay(app, spool_dir, 100, applied=lambda ids: applied & set(ids), reship_after=0.5)
+    client = redis_client.Redis(unix_socket_path=str(redis.socket))
+
+    def take() -> list[str]:  # what a worker would consume: the task ids, in order
+        ids = []
+        while (message := client.rpop("charger")) is not None:
+            ids.append(json.loads(message)["headers"]["id"])
+        return ids
+
+    assert [relay.ship_batch() for _ in range(4)] == [100, 100, 50, 0]
+    first = take()
+    assert len(first) == 3 and spool.backlog(spool_dir)[0] == 250  # published, nothing applied yet
+    applied.update(first[:2])
+    assert relay.confirm() == 1
+    assert spool.backlog(spool_dir)[0] == 50  # the applied prefix is let go of
+    time.sleep(0.6)
+    assert relay.confirm() == 1  # the third was lost by the broker: published again
+    (again,) = take()
+    assert again not in first
+    # A relay restarted now ships again what was not applied, and nothing applied.
+    restarted = Relay(app, spool_dir, 100, applied=lambda ids: applied & set(ids))
+    assert restarted.ship_batch() == 50
+    take()
+    applied.add(again)
+    relay.confirm()
+    assert spool.backlog(spool_dir)[0] == 0 and list((spool_dir / "log").iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -53,7 +54,7 @@ def relay(
     """Ship spooled events to the broker; one relay per spool host."""
     import logging
 
-    from shared.relay import Relay
+    from shared.relay import Relay, applied_tasks
 
     settings = get_settings()
     if status:
@@ -65,12 +66,21 @@ def relay(
     from shared.celery_app import freeze_startup_objects, get_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s")
-    the_relay = Relay(get_app(), settings.spool_path, settings.relay_batch_size)
+    the_relay = Relay(get_app(), settings.spool_path, settings.relay_batch_size,
+                      applied=applied_tasks if settings.relay_confirms else None,
+                      reship_after=settings.broker_visibility_timeout + 60)
     freeze_startup_objects()
     if once:
         while the_relay.ship_once():
             pass
-        done(f"shipped {the_relay.shipped} events")
+        deadline = time.monotonic() + 60
+        while the_relay.confirm() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        the_relay.settle()
+        if the_relay.unapplied:
+            raise InvalidInput(f"shipped {the_relay.shipped} events; {the_relay.unapplied} batches are not applied "
+                               "yet (are the workers running?): they stay in the spool and ship again")
+        done(f"shipped {the_relay.shipped} events, every one applied")
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
