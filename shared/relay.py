@@ -41,6 +41,7 @@ BATCHES_PER_LISTING = 50
 DELETE_THREADS = 4
 # Published and not yet applied: beyond this the relay waits, and the spool holds the rest.
 MAX_UNAPPLIED_TASKS = 200
+SEGMENT_BYTES = 64 * 1024 * 1024
 MAX_BACKOFF = 30.0
 REPORT_EVERY = 10.0
 
@@ -97,9 +98,10 @@ def check_spool_permissions(spool_dir: Path) -> None:
 @dataclass
 class _Segment:
     path: str
-    records: list[bytes]
+    records: list[bytes | None]  # by position in the segment; None: set aside (too large)
     next: int  # records before this one are published
     applied: int  # records before this one are applied by the workers: the progress note
+    total: int
     ranges: dict[int, int] = field(default_factory=dict)  # applied ranges beyond ``applied``
 
     def mark_applied(self, start: int, end: int) -> bool:
@@ -109,10 +111,13 @@ class _Segment:
             self.applied = self.ranges.pop(self.applied)
         # Not fsynced: a note lost in a crash only means that part of the segment ships again.
         note = self.path + spool.PROGRESS
-        with open(note + ".tmp", "w") as f:
-            f.write(str(self.applied))
-        os.replace(note + ".tmp", note)
-        return self.applied >= len(self.records)
+        try:
+            with open(note + ".tmp", "w") as f:
+                f.write(str(self.applied))
+            os.replace(note + ".tmp", note)
+        except OSError as exc:
+            log.error("cannot write the progress note %s (%s): after a restart that part ships again", note, exc)
+        return self.applied >= self.total
 
 
 @dataclass
@@ -202,9 +207,13 @@ class Relay:
             if now - task.sent_at > self.reship_after:
                 log.warning("task %s (%d events) not applied after %.0f s: publishing it again",
                             task_id, len(task.items), now - task.sent_at)
+                try:
+                    self._send(task.queue, task.items, task.shipment)
+                except Exception as exc:  # the broker away: the old task stays, to be sent again later
+                    log.warning("cannot publish it again yet (%s: %s)", type(exc).__name__, exc)
+                    break
                 del self._tasks[task_id]
                 task.shipment.tasks.discard(task_id)
-                self._send(task.queue, task.items, task.shipment)
         return len(self._tasks)
 
     def _ship_from_log(self) -> int:
@@ -222,16 +231,18 @@ class Relay:
             batch = segment.records[start:start + self.batch_size]
             if not batch:
                 self._segment = None
-                if segment.applied >= len(segment.records):
+                if segment.applied >= segment.total:
                     self._drop_segment(segment)
                 else:
+                    segment.records = []  # published in full: the tasks hold what may ship again
                     self._segments_out[segment.path] = segment
                 continue
             end = start + len(batch)
-            self._publish([message_item(raw) for raw in batch], functools.partial(self._applied, segment, start, end))
+            items = [message_item(raw) for raw in batch if raw is not None]
+            self._publish(items, functools.partial(self._applied, segment, start, end))
             segment.next = end
-            self.shipped += len(batch)
-            return len(batch)
+            self.shipped += len(items)
+            return len(items) or 1  # a batch of set-aside records still counts as progress
 
     def _applied(self, segment: _Segment, start: int, end: int) -> None:
         if segment.mark_applied(start, end):
@@ -241,26 +252,27 @@ class Relay:
         if segment is self._segment:
             return  # still being published: dropped when its last batch is out
         self._segments_out.pop(segment.path, None)
-        for path in (segment.path, segment.path + spool.PROGRESS):
+        for path in (segment.path + spool.PROGRESS, segment.path):  # a note without its segment is litter
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
     def _load(self, path: str) -> _Segment:
         with open(path, "rb") as f:
             records, torn = spool.read_records(f.read())
-        applied = spool.shipped_count(path)
-        events = []
+        applied = min(spool.shipped_count(path), len(records))
+        events: list[bytes | None] = []
         for n, (_, raw) in enumerate(records):
             if len(raw) <= spool.MAX_EVENT_BYTES:
                 events.append(raw)
-            elif n >= applied:
+                continue
+            events.append(None)
+            if n >= applied:
                 self._reject(raw, f"event of {len(raw)} bytes is larger than {spool.MAX_EVENT_BYTES}")
         if not applied:  # set aside once, not again each time the relay restarts on this segment
             for offset, raw in torn:
                 self._reject(raw, f"torn spool record at byte {offset} of {os.path.basename(path)} "
                                   "(a crash while it was appended): not shipped")
-        applied = min(applied, len(events))
-        return _Segment(path, events, next=applied, applied=applied)
+        return _Segment(path, events, next=applied, applied=applied, total=len(events))
 
     def _reject(self, raw: bytes, reason: str) -> None:
         log.error("spool: %s", reason)
@@ -276,7 +288,16 @@ class Relay:
         for queue, item in items:
             by_queue[queue].append(item)
         shipment = _Shipment(set(), on_applied)
-        sent = [self._send(queue, batch, shipment if self.applied else None) for queue, batch in by_queue.items()]
+        sent: list[str] = []
+        try:
+            for queue, batch in by_queue.items():
+                sent.append(self._send(queue, batch, shipment if self.applied else None))
+        except Exception:
+            # Some queues have their task, not all: forget those, and the whole batch is
+            # published again (the workers drop the repeats).
+            for task_id in sent:
+                self._tasks.pop(task_id, None)
+            raise
         if self.applied is None or not sent:
             on_applied()
 
@@ -341,6 +362,12 @@ class Relay:
         backoff = 0.0
         last_report = 0.0
         while not stop.is_set():
+            try:
+                # However long the relay is busy (or the broker away), no segment grows past
+                # this: each is read whole into memory when its turn comes.
+                spool.rotate(self.spool_dir, at_least=SEGMENT_BYTES)
+            except OSError as exc:
+                log.error("cannot rotate the spool's log: %s", exc)
             try:
                 out = self.confirm()
             except Exception as exc:  # the database away: nothing is let go meanwhile

@@ -18,6 +18,7 @@ an event goes to ``reject/`` with its reason.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -41,7 +42,9 @@ def ensure(spool_dir: PathLike) -> None:
         path = os.path.join(spool_dir, part)
         if not os.path.isdir(path):
             os.makedirs(path, mode=0o770, exist_ok=True)
-            os.chmod(path, 0o770)  # makedirs' mode is cut by the umask
+            # makedirs' mode is cut by the umask; setgid: files made in it by any hook's user
+            # belong to the spool's group, so the relay can read (and the next hook append to) them
+            os.chmod(path, 0o2770)
 
 
 def durable_write(directory: str, name: str, data: bytes, tmp_dir: str) -> str:
@@ -82,15 +85,12 @@ def append(spool_dir: str, data: bytes) -> str:
     path = os.path.join(spool_dir, LOG, CURRENT)
     record = frame(data)
     for _ in range(1000):
-        created = False
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         except FileNotFoundError:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
-            except FileExistsError:
-                continue
-            created = True
+            fd = _create_log(path)
+            if fd is None:
+                continue  # another hook made it first: append to theirs
         try:
             # Exclusive while writing, so that a record is never split by another's; the relay
             # takes the same lock to know that a rotated log has no writer left.
@@ -100,8 +100,6 @@ def append(spool_dir: str, data: bytes) -> str:
                     continue  # rotated between our open and our lock: append to the new log
             except FileNotFoundError:
                 continue
-            if created:
-                os.fchmod(fd, 0o660)  # the group (hooks and relay) shares the log, whatever the umask
             view = memoryview(record)
             while view:
                 view = view[os.write(fd, view):]
@@ -109,15 +107,38 @@ def append(spool_dir: str, data: bytes) -> str:
             os.fsync(fd)
         finally:
             os.close(fd)
-        if created:
-            _fsync_dir(os.path.dirname(path))
         return path
     raise OSError(f"{path} kept being rotated while appending to it")
 
 
+def _create_log(path: str) -> int | None:
+    """A new, empty log, locked, whose name is on disk before anyone can append to it (a hook
+    that appended to a log whose directory entry a crash then lost would have lied); None if
+    another hook created the log first."""
+    fresh = f"{path}.{os.getpid()}.new"
+    fd = os.open(fresh, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o660)
+    try:
+        os.fchmod(fd, 0o660)  # the group (hooks and relay) shares the log, whatever the umask
+        fcntl.flock(fd, fcntl.LOCK_EX)  # others wait here until the name is durable
+        try:
+            os.link(fresh, path)  # unlike rename, never replaces a log another hook just made
+        except FileExistsError:
+            os.close(fd)
+            return None
+        finally:
+            os.unlink(fresh)
+        _fsync_dir(os.path.dirname(path))
+        return fd
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+
+
 def frame(data: bytes) -> bytes:
-    """One event as a record of the log."""
-    return MAGIC + b"%08x %d %d " % (zlib.crc32(data), len(data), time.time_ns()) + data
+    """One event as a record of the log; the checksum covers the length and time too."""
+    rest = b"%d %d " % (len(data), time.time_ns()) + data
+    return MAGIC + b"%08x " % zlib.crc32(rest) + rest
 
 
 def write_file(spool_dir: PathLike, event_id: str, data: bytes) -> str:
@@ -171,12 +192,13 @@ def pending(spool_dir: PathLike, limit: int) -> list[str]:
     return [os.path.join(new, n) for n in names[:limit]]
 
 
-def rotate(spool_dir: PathLike) -> None:
-    """Turn the log into a segment for the relay, once no writer is left in it."""
+def rotate(spool_dir: PathLike, at_least: int = 1) -> None:
+    """Turn the log into a segment for the relay, once no writer is left in it, if it holds
+    ``at_least`` bytes."""
     log = os.path.join(spool_dir, LOG)
     path = os.path.join(log, CURRENT)
     try:
-        if os.stat(path).st_size == 0:
+        if os.stat(path).st_size < at_least:
             return
     except FileNotFoundError:
         return
@@ -210,15 +232,17 @@ def read_records(data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int, 
     while at >= 0:
         start = at + len(MAGIC)
         try:
-            crc, length, ns, rest = data[start:start + 64].split(b" ", 3)
-            body_at = start + len(crc) + len(length) + len(ns) + 3
-            body = data[body_at:body_at + int(length)]
-            whole = len(body) == int(length) and zlib.crc32(body) == int(crc, 16)
+            crc, length, ns, _ = data[start:start + 64].split(b" ", 3)
+            rest_at = start + len(crc) + 1
+            body_at = rest_at + len(length) + len(ns) + 2
+            end = body_at + int(length)
+            whole = int(length) >= 0 and end <= len(data) and zlib.crc32(data[rest_at:end]) == int(crc, 16)
+            spooled_at = int(ns)
         except ValueError:
             whole = False
         if whole:
-            records.append((int(ns), body))
-            at = data.find(MAGIC, body_at + len(body))
+            records.append((spooled_at, data[body_at:end]))
+            at = data.find(MAGIC, end)
         else:
             following = data.find(MAGIC, at + 1)
             torn.append((at, data[at:following if following >= 0 else len(data)]))

@@ -91,3 +91,35 @@ def test_events_stay_spooled_until_applied_and_ship_again_if_a_broker_lost_them(
     applied.add(again)
     relay.confirm()
     assert spool.backlog(spool_dir)[0] == 0 and list((spool_dir / "log").iterdir()) == []
+
+
+def test_a_batch_published_to_only_some_queues_is_kept_whole_and_published_again(redis, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The charger's part goes out, the refunder's fails (the broker went away between the two):
+    the charger's part being applied must not let the refund go."""
+    spool_dir = tmp_path / "spool"
+    job = job_completed(1)
+    spool.write(spool_dir, job["event_id"], raw(job))
+    spool.write(spool_dir, "refund:r1", json.dumps({"schema_version": 1, "kind": "refund.requested",
+                                                    "event_id": "refund:r1"}).encode())
+    applied: set[str] = set()
+    app = Celery("relay-test")
+    configure(app, Settings(broker_url=redis.url))
+    relay = Relay(app, spool_dir, 100, applied=lambda ids: applied & set(ids), reship_after=3600)
+    real_send = app.send_task
+
+    def broker_gone_for_refunds(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("queue") == "refunder":
+            raise ConnectionError("broker went away")
+        return real_send(name, *args, **kwargs)
+
+    monkeypatch.setattr(app, "send_task", broker_gone_for_refunds)
+    with pytest.raises(ConnectionError):
+        relay.ship_batch()
+    client = redis_client.Redis(unix_socket_path=str(redis.socket))
+    (charger_message,) = client.lrange("charger", 0, -1)
+    applied.add(json.loads(charger_message)["headers"]["id"])  # a worker applied the charger's part
+    assert relay.confirm() == 0
+    assert spool.backlog(spool_dir)[0] == 2  # nothing let go: the refund was never published
+    monkeypatch.setattr(app, "send_task", real_send)
+    assert relay.ship_batch() == 2  # the whole batch again; the charger drops its repeat
+    assert client.llen("charger") == 2 and client.llen("refunder") == 1
