@@ -10,7 +10,7 @@ import typer
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from typer._click.exceptions import ClickException  # typer >= 0.29 ships its own click
 
-from openacct.cli import center, money, pipeline, publish, refunds
+from openacct.cli import center, money, pipeline, publish, refunds, reports
 from openacct.cli.shell import shell
 from shared.errors import OpenAcctError
 
@@ -92,6 +92,7 @@ app.add_typer(pipeline.events_app, name="events")
 app.command("publish")(publish.publish)
 app.command("refund")(refunds.refund)
 app.command("incident")(refunds.incident)
+app.command("statement")(reports.statement)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,77 @@
+"""``openacct statement``: a project's statement for a month or any period, as of any date."""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from openacct.cli.output import emit_rows, plain
+from services.reporter import render
+from services.reporter.statements import Statement, month, statements
+from shared.db import session_scope
+from shared.errors import InvalidInput, NotFound
+from shared.timestamps import parse_time
+
+
+class Format(enum.StrEnum):
+    text = "text"
+    json = "json"
+    csv = "csv"
+    html = "html"
+
+
+def statement(
+    project: Annotated[str | None, typer.Argument(help="Project (default: every project).")] = None,
+    period: Annotated[str | None, typer.Option(help="A month, such as 2026-10.")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Start of the period (instead of --period).")] = None,
+    to: Annotated[str | None, typer.Option(help="End of the period (instead of --period).")] = None,
+    format_: Annotated[Format, typer.Option("--format", help="text, json, csv or html.")] = Format.text,
+    summary_only: Annotated[bool, typer.Option("--summary", help="Totals only, no transactions.")] = False,
+    output: Annotated[Path | None, typer.Option(help="Write to this file instead of standard output.")] = None,
+) -> None:
+    """Opening balance, deposits, charges, refunds, adjustments and closing balance of a period."""
+    if (period is None) == (from_ is None and to is None):
+        raise InvalidInput("give --period MONTH, or --from and --to")
+    try:
+        start, end = month(period) if period else (parse_time(from_, "--from"), parse_time(to, "--to"))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    if end <= start:
+        raise InvalidInput(f"the period ends ({end.isoformat()}) before it starts ({start.isoformat()})")
+    if format_ is Format.html and project is None:
+        raise InvalidInput("an HTML statement is for one project: name it")
+    with session_scope() as s:
+        found = statements(s, start, end, [project] if project else None, itemized=not summary_only)
+    if project and not found:
+        raise NotFound(f"no project named {project!r}")
+    if format_ is Format.text:
+        if output is not None:
+            raise InvalidInput("--output writes json, csv or html; text is for the terminal")
+        _print(found)
+        return
+    if format_ is Format.json:
+        text = json.dumps(plain([st.as_dict() for st in found]), indent=2) + "\n"
+    elif format_ is Format.csv:
+        parts = [render.to_csv(st) for st in found]
+        text = "".join(part if n == 0 else part.split("\n", 1)[1] for n, part in enumerate(parts))  # one header
+    else:
+        text = render.to_html(found[0])
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+def _print(found: list[Statement]) -> None:
+    for st in found:
+        emit_rows([{"": label, "amount": amount} for label, amount in render.summary(st)], ["", "amount"],
+                  as_json=False, title=f"{st.project}: {st.start:%Y-%m-%d %H:%M} to {st.end:%Y-%m-%d %H:%M} UTC")
+        if st.lines:
+            emit_rows([vars(line) for line in st.lines],
+                      ["effective_at", "transaction_id", "kind", "account", "service", "description", "amount"],
+                      as_json=False)

@@ -1,0 +1,95 @@
+"""A statement as CSV or as a self-contained HTML page (inline CSS and SVG, nothing fetched)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from collections import defaultdict
+from decimal import Decimal
+
+from services.reporter.statements import Statement
+from shared.money import money_str
+
+SUMMARY = [("opening", "Opening balance"), ("deposit", "Deposits"), ("charge", "Charges"),
+           ("refund", "Refunds"), ("adjustment", "Adjustments"), ("transfer", "Transfers"),
+           ("hold", "Holds"), ("release", "Releases"),
+           ("allocations_started", "Allocations that began"), ("allocations_ended", "Allocations that ended"),
+           ("closing", "Closing balance")]
+
+
+def summary(statement: Statement) -> list[tuple[str, Decimal]]:
+    values = {"opening": statement.opening, "closing": statement.closing,
+              "allocations_started": statement.allocations_started,
+              "allocations_ended": statement.allocations_ended, **statement.activity}
+    return [(label, values[key]) for key, label in SUMMARY
+            if key in ("opening", "closing", "deposit", "charge", "refund") or values[key]]
+
+
+def to_csv(statement: Statement) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["project", "effective_at", "transaction", "kind", "account", "service", "description", "amount"])
+    writer.writerow([statement.project, statement.start.isoformat(), "", "opening balance", "", "", "",
+                     money_str(statement.opening)])
+    for line in statement.lines:
+        writer.writerow([statement.project, line.effective_at.isoformat(), line.transaction_id, line.kind,
+                         line.account, line.service or "", line.description, money_str(line.amount)])
+    for key, label in (("allocations_started", "allocations that began"), ("allocations_ended", "allocations that ended")):
+        if getattr(statement, key):
+            writer.writerow([statement.project, statement.end.isoformat(), "", label, "", "", "",
+                             money_str(getattr(statement, key))])
+    writer.writerow([statement.project, statement.end.isoformat(), "", "closing balance", "", "", "",
+                     money_str(statement.closing)])
+    return out.getvalue()
+
+
+def to_html(statement: Statement) -> str:
+    e = html.escape
+    period = f"{statement.start:%Y-%m-%d %H:%M} to {statement.end:%Y-%m-%d %H:%M} UTC"
+    rows = "".join(f"<tr><td>{e(label)}</td><td class=n>{e(money_str(amount))}</td></tr>"
+                   for label, amount in summary(statement))
+    items = "".join(
+        f"<tr><td>{line.effective_at:%Y-%m-%d %H:%M}</td><td>{line.transaction_id}</td><td>{e(line.kind)}</td>"
+        f"<td>{e(line.account)}</td><td>{e(line.service or '')}</td><td>{e(line.description)}</td>"
+        f"<td class=n>{e(money_str(line.amount))}</td></tr>"
+        for line in statement.lines)
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>Statement {e(statement.project)}, {e(period)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
+h1 {{ font-size: 1.4em; }} table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ padding: .25em .75em; border-bottom: 1px solid #ddd; text-align: left; }}
+td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.chart rect {{ fill: #3a6ea5; }} .chart text {{ font-size: 10px; fill: #555; }}
+</style></head><body>
+<h1>Statement for project {e(statement.project)}</h1>
+<p>{e(period)}</p>
+<table id=summary>{rows}</table>
+<h2>Charges per day</h2>
+{daily_chart(statement)}
+<h2>Transactions</h2>
+<table id=lines><tr><th>effective</th><th>#</th><th>kind</th><th>account</th><th>service</th><th>description</th><th>amount</th></tr>{items}</table>
+</body></html>
+"""
+
+
+def daily_chart(statement: Statement, width: int = 720, height: int = 160) -> str:
+    """An inline SVG bar chart of the charges (net of refunds) of each day of the period."""
+    per_day: dict[str, Decimal] = defaultdict(Decimal)
+    for line in statement.lines:
+        if line.kind in ("charge", "refund"):
+            per_day[f"{line.effective_at:%Y-%m-%d}"] -= line.amount
+    if not per_day:
+        return "<p>No charges in this period.</p>"
+    days = sorted(per_day)
+    top = max(max(per_day.values()), Decimal("0.000001"))
+    step = width / len(days)
+    bars = []
+    for i, day in enumerate(days):
+        h = float(max(per_day[day], Decimal(0)) / top) * (height - 20)
+        bars.append(f'<rect x="{i * step + 1:.1f}" y="{height - 15 - h:.1f}" width="{max(step - 2, 1):.1f}" '
+                    f'height="{h:.1f}"><title>{day}: {money_str(per_day[day])}</title></rect>')
+    labels = f'<text x="0" y="{height - 2}">{days[0]}</text><text x="{width - 60}" y="{height - 2}">{days[-1]}</text>'
+    return (f'<svg class=chart width="{width}" height="{height}" role="img" '
+            f'aria-label="charges per day">{"".join(bars)}{labels}</svg>')

@@ -1,0 +1,154 @@
+"""Project statements: opening balance, the period's activity, closing balance.
+
+A statement covers ``[start, end)``: its opening balance is the balance just before ``start``,
+its closing balance the balance just before ``end`` (so October's closing is November's opening,
+and a deposit effective at midnight on the first belongs to the month it opens). It reads the
+journal, never the running totals, so it can be drawn up as of any date. Balances are what the ledger calls available (allocated − charged +
+refunded − held) over the allocations in force at the moment, so besides the period's
+transactions a statement shows the money that allocations brought in when they started, or took
+away when they ended, during the period: with it, opening + activity = closing to the last
+decimal, and closing is the ledger's own balance as of the last instant of the period.
+
+Every project of a statement run is computed by the same three grouped queries, whatever the
+number of projects.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from shared.models import Account, Allocation, LedgerEntry, LedgerTransaction, Project, Service
+
+ZERO = Decimal(0)
+INSTANT = dt.timedelta(microseconds=1)  # PostgreSQL's resolution: "just before"
+# What an entry does to the available balance.
+EFFECT = case(
+    (LedgerEntry.bucket.in_(("allocated", "refunded")), LedgerEntry.amount),
+    else_=-LedgerEntry.amount,
+)
+KINDS = ("deposit", "charge", "refund", "adjustment", "transfer", "hold", "release")
+
+
+@dataclass
+class Line:
+    transaction_id: int
+    effective_at: dt.datetime
+    kind: str
+    account: str
+    service: str | None
+    description: str
+    amount: Decimal  # its effect on the project's available balance
+
+
+@dataclass
+class Statement:
+    project: str
+    start: dt.datetime
+    end: dt.datetime
+    opening: Decimal = ZERO
+    activity: dict[str, Decimal] = field(default_factory=lambda: dict.fromkeys(KINDS, ZERO))
+    allocations_started: Decimal = ZERO  # money that became available as its allocation began
+    allocations_ended: Decimal = ZERO  # money that stopped being available as its allocation ended (≤ 0)
+    closing: Decimal = ZERO
+    lines: list[Line] = field(default_factory=list)
+
+    @property
+    def balanced(self) -> bool:
+        return self.opening + sum(self.activity.values()) + self.allocations_started + self.allocations_ended == self.closing
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "project": self.project, "start": self.start, "end": self.end, "opening": self.opening,
+            **{f"{kind}s" if kind != "refund" else "refunds": amount for kind, amount in self.activity.items()},
+            "allocations_started": self.allocations_started, "allocations_ended": self.allocations_ended,
+            "closing": self.closing,
+            "lines": [vars(line) for line in self.lines],
+        }
+
+
+def statements(session: Session, start: dt.datetime, end: dt.datetime, projects: list[str] | None = None,
+               *, itemized: bool = True) -> list[Statement]:
+    """One statement per project (every project, or those named), for ``[start, end)``."""
+    if end <= start:
+        raise ValueError("a statement's end must be after its start")
+    opened, closed = start - INSTANT, end - INSTANT  # the ledger's balances include their moment
+    project_query = select(Project.id, Project.name).order_by(Project.name)
+    if projects:
+        project_query = project_query.where(Project.name.in_(projects))
+    found = {pid: Statement(name, start, end) for pid, name in session.execute(project_query)}
+    if not found:
+        return []
+    project_of = Account.project_id
+
+    # Per project and allocation (NULL: the account itself): its entries' effect up to the start
+    # and up to the end, and whether it is in force then.
+    upto_start = func.coalesce(func.sum(EFFECT).filter(LedgerEntry.effective_at <= opened), 0)
+    upto_end = func.coalesce(func.sum(EFFECT), 0)
+    per_allocation = session.execute(
+        select(project_of, LedgerEntry.allocation_id, upto_start, upto_end,
+               Allocation.starts_at, Allocation.ends_at)
+        .join(Account, Account.id == LedgerEntry.account_id)
+        .outerjoin(Allocation, Allocation.id == LedgerEntry.allocation_id)
+        .where(project_of.in_(found), LedgerEntry.effective_at <= closed)
+        .group_by(project_of, LedgerEntry.allocation_id, Allocation.starts_at, Allocation.ends_at)
+    )
+    for pid, allocation_id, before, after, starts_at, ends_at in per_allocation:
+        s = found[pid]
+        at_start = allocation_id is None or (starts_at <= opened and (ends_at is None or ends_at > opened))
+        at_end = allocation_id is None or (starts_at <= closed and (ends_at is None or ends_at > closed))
+        if at_start:
+            s.opening += before
+        if at_end:
+            s.closing += after
+        if not at_start:
+            s.allocations_started += before  # deposited before the period, available within it
+        if not at_end:
+            s.allocations_ended -= after  # what it held when it ended (or before it begins)
+
+    # The period's activity by kind of transaction.
+    by_kind = session.execute(
+        select(project_of, LedgerTransaction.kind, func.sum(EFFECT))
+        .join(Account, Account.id == LedgerEntry.account_id)
+        .join(LedgerTransaction, LedgerTransaction.id == LedgerEntry.transaction_id)
+        .where(project_of.in_(found), LedgerEntry.effective_at >= start, LedgerEntry.effective_at < end)
+        .group_by(project_of, LedgerTransaction.kind)
+    )
+    for pid, kind, amount in by_kind:
+        found[pid].activity[kind] += amount
+
+    if itemized:
+        lines = session.execute(
+            select(project_of, LedgerTransaction.id, LedgerEntry.effective_at, LedgerTransaction.kind,
+                   Account.name, Service.name, LedgerTransaction.description, func.sum(EFFECT))
+            .join(Account, Account.id == LedgerEntry.account_id)
+            .join(LedgerTransaction, LedgerTransaction.id == LedgerEntry.transaction_id)
+            .outerjoin(Service, Service.id == LedgerTransaction.service_id)
+            .where(project_of.in_(found), LedgerEntry.effective_at >= start, LedgerEntry.effective_at < end)
+            .group_by(project_of, LedgerTransaction.id, LedgerEntry.effective_at, LedgerTransaction.kind,
+                      Account.name, Service.name, LedgerTransaction.description)
+            .order_by(LedgerEntry.effective_at, LedgerTransaction.id)
+        )
+        collected: dict[int, list[Line]] = defaultdict(list)
+        for pid, *fields in lines:
+            collected[pid].append(Line(*fields))
+        for pid, project_lines in collected.items():
+            found[pid].lines = project_lines
+    return list(found.values())
+
+
+def month(period: str) -> tuple[dt.datetime, dt.datetime]:
+    """``2026-10`` as (the instant October began, the instant it ended), in UTC."""
+    try:
+        year, number = (int(part) for part in period.split("-"))
+        start = dt.datetime(year, number, 1, tzinfo=dt.UTC)
+    except ValueError:
+        raise ValueError(f"bad period {period!r}: want a month such as 2026-10") from None
+    end = dt.datetime(year + number // 12, number % 12 + 1, 1, tzinfo=dt.UTC)
+    return start, end
