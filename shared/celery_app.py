@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
+from celery.schedules import crontab
 from celery.signals import worker_process_init
 from kombu import Queue
 
@@ -91,6 +92,15 @@ def configure(app: Celery, settings: Settings) -> None:
     )
     if amqp:
         app.conf.update(task_create_missing_queues=False, worker_detect_quorum_queues=True)
+    # What ``openacct beat`` (one instance per site) sends to the reporter.
+    app.conf.beat_schedule = {
+        "alerts": {"task": "reporter.alerts", "schedule": float(settings.alert_interval),
+                   "options": {"queue": "reporter", "routing_key": "reporter"}},
+        "monthly-statements": {"task": "reporter.statements", "schedule": crontab(minute=0, hour=2, day_of_month=1),
+                               "options": {"queue": "reporter", "routing_key": "reporter"}},
+    }
+    app.conf.task_routes.update({name: {"queue": "reporter", "routing_key": "reporter"}
+                                 for name in ("reporter.alerts", "reporter.statements")})
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tomllib
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
@@ -71,7 +72,46 @@ class Settings(BaseSettings):
     timezone: str = Field(
         default="UTC", description="Zone for dates and times given without an offset."
     )
+    alert_thresholds: list[float] = Field(
+        default=[0.5, 0.9, 1.0],
+        description="Fractions of a project's allocations used at which its PI is told, once each.",
+    )
+    alert_expiry_days: list[int] = Field(
+        default=[30, 7, 0], description="Days before an allocation ends at which its PI is told, once each."
+    )
+    alert_interval: int = Field(default=900, ge=60, description="Seconds between the reporter's alert runs.")
+    smtp_url: str | None = Field(
+        default=None, description="smtp://host:port (or smtps://) to send alerts by email; unset: no email."
+    )
+    alert_from: str = Field(default="openacct@localhost", description="Sender of alert emails.")
+    alert_webhook_url: str | None = Field(
+        default=None, description="http(s) URL that receives each alert as a JSON POST; unset: none."
+    )
     debug: bool = False
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _fractions(cls, values: list[float]) -> list[float]:
+        if any(not 0 < v <= 1 for v in values):
+            raise ValueError("each threshold is a fraction used, above 0 and at most 1 (0.9 is 90 %)")
+        return sorted(set(values))
+
+    @field_validator("alert_expiry_days")
+    @classmethod
+    def _days(cls, values: list[int]) -> list[int]:
+        if any(v < 0 or v > 3650 for v in values):
+            raise ValueError("each is a number of days from 0 to 3650")
+        return sorted(set(values), reverse=True)
+
+    @field_validator("smtp_url", "alert_webhook_url")
+    @classmethod
+    def _url(cls, url: str | None, info: Any) -> str | None:
+        if not url:
+            return None
+        schemes = ("smtp://", "smtps://") if info.field_name == "smtp_url" else ("http://", "https://")
+        if not url.startswith(schemes):
+            raise ValueError(f"must start with {' or '.join(schemes)}")
+        return url
 
     @field_validator("database_url")
     @classmethod

@@ -485,3 +485,17 @@ class TaskDelivery(Base):
     first_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
     # Set in the transaction that applied (or parked) the task's events: what the relay waits for.
     completed_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+
+class AlertSent(Base):
+    """An alert given once: its key names the project (or allocation), the kind and threshold,
+    and the allocations it was about, so the same alert never goes out twice."""
+
+    __tablename__ = "alerts_sent"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    channels: Mapped[str] = mapped_column(Text, default="", server_default="")
+    sent_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())

@@ -18,20 +18,22 @@ CENTER = ("systems", "services", "service_rates", "users", "projects", "project_
 ROLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     # Everything is readable: reports, statements, balances.
     "openacct_reader": [("SELECT", CENTER + LEDGER + ("account_balances", "jobs", "processed_events",
-                                                      "parked_events", "task_deliveries"))],
-    # The charger writes jobs, the inbox, dead letters and charges; it locks accounts
-    # (FOR NO KEY UPDATE needs UPDATE on the table) but changes no center data.
+                                                      "parked_events", "task_deliveries", "alerts_sent"))],
+    # The workers (charger, refunder, reporter) write jobs, the inbox, dead letters, ledger rows
+    # and alerts; they lock accounts (FOR NO KEY UPDATE needs UPDATE on the table) but change
+    # no center data.
     "openacct_charger": [
         ("SELECT", CENTER + LEDGER + ("account_balances", "jobs", "processed_events", "parked_events",
-                                      "task_deliveries")),
-        ("INSERT", LEDGER + ("jobs", "processed_events", "parked_events", "task_deliveries", "account_balances")),
-        ("UPDATE", ("jobs", "account_balances", "task_deliveries", "accounts")),
+                                      "task_deliveries", "alerts_sent")),
+        ("INSERT", LEDGER + ("jobs", "processed_events", "parked_events", "task_deliveries", "account_balances",
+                             "alerts_sent")),
+        ("UPDATE", ("jobs", "account_balances", "task_deliveries", "accounts", "alerts_sent")),
     ],
     # Administrators model the center and move money by hand; still no UPDATE or DELETE on the
     # ledger itself.
     "openacct_admin": [
         ("SELECT", CENTER + LEDGER + ("account_balances", "jobs", "processed_events", "parked_events",
-                                      "task_deliveries")),
+                                      "task_deliveries", "alerts_sent")),
         ("INSERT, UPDATE", CENTER + ("jobs", "processed_events", "parked_events", "account_balances",
                                      "task_deliveries")),
         ("DELETE", ("project_members",)),

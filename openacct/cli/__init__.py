@@ -93,6 +93,8 @@ app.command("publish")(publish.publish)
 app.command("refund")(refunds.refund)
 app.command("incident")(refunds.incident)
 app.command("statement")(reports.statement)
+app.command("alerts")(reports.alerts)
+app.command("beat")(reports.beat)
 
 
 def _first_line(exc: BaseException) -> str:

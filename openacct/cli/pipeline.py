@@ -22,7 +22,7 @@ from shared.errors import InvalidInput, NotFound
 from shared.ledger import now
 from shared.models import Account, Job, LedgerTransaction, ParkedEvent, Service, System, User
 
-WORKERS = ("charger", "refunder")
+WORKERS = ("charger", "refunder", "reporter")
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 
 deadletter_app = typer.Typer(help="Events that could not be applied, with the reason.", no_args_is_help=True)

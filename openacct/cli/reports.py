@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import enum
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from openacct.cli.output import emit_rows, plain
+from openacct.cli.output import JsonFlag, emit_rows
 from services.reporter import render
 from services.reporter.statements import Statement, month, statements
 from shared.db import session_scope
@@ -55,7 +54,7 @@ def statement(
         _print(found)
         return
     if format_ is Format.json:
-        text = json.dumps(plain([st.as_dict() for st in found]), indent=2) + "\n"
+        text = render.to_json(found)
     elif format_ is Format.csv:
         parts = [render.to_csv(st) for st in found]
         text = "".join(part if n == 0 else part.split("\n", 1)[1] for n, part in enumerate(parts))  # one header
@@ -75,3 +74,52 @@ def _print(found: list[Statement]) -> None:
             emit_rows([vars(line) for line in st.lines],
                       ["effective_at", "transaction_id", "kind", "account", "service", "description", "amount"],
                       as_json=False)
+
+
+BEAT_LOCK = 0x0A_CC7_BEA7  # pg_advisory_lock key: one beat per database
+
+
+def beat(
+    loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the scheduler that sends the reporter its alert and statement runs. Exactly one may
+    run per site: a second one waits (holding nothing) until the first stops."""
+    import psycopg
+
+    from shared.db import database_url
+
+    if loglevel.lower() not in ("debug", "info", "warning", "error"):
+        raise InvalidInput(f"unknown log level {loglevel!r}")
+    from shared.config import get_settings
+
+    settings = get_settings()
+    lock = psycopg.connect(database_url().replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    if not lock.execute("SELECT pg_try_advisory_lock(%s)", (BEAT_LOCK,)).fetchone()[0]:
+        typer.echo("another openacct beat is running for this database; waiting for it to stop", err=True)
+        lock.execute("SELECT pg_advisory_lock(%s)", (BEAT_LOCK,))
+    from services.reporter.tasks import app
+
+    schedule = settings.data_dir / "beat-schedule"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        app.Beat(loglevel=loglevel.upper(), schedule=str(schedule)).run()
+    finally:
+        lock.close()
+
+
+def alerts(
+    dry_run: Annotated[bool, typer.Option(help="List the alerts due now; send and record nothing.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Send the low-balance and expiry alerts due now (each once per threshold), as the reporter does."""
+    from services.reporter import alerts as alerting
+    from shared.config import get_settings
+
+    settings = get_settings()
+    with session_scope() as s:
+        found = alerting.due(s, settings)
+        if not dry_run:
+            found = alerting.send(s, settings, found)
+    emit_rows([{"project": a.project, "kind": a.kind, "message": a.message} for a in found],
+              ["project", "kind", "message"], as_json=as_json,
+              title=f"{len(found)} alerts {'due' if dry_run else 'sent'}")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import html
 import io
+import json
 from collections import defaultdict
 from decimal import Decimal
+from typing import Any
 
 from services.reporter.statements import Statement
 from shared.money import money_str
@@ -24,6 +27,19 @@ def summary(statement: Statement) -> list[tuple[str, Decimal]]:
               "allocations_ended": statement.allocations_ended, **statement.activity}
     return [(label, values[key]) for key, label in SUMMARY
             if key in ("opening", "closing", "deposit", "charge", "refund") or values[key]]
+
+
+def to_json(found: Statement | list[Statement]) -> str:
+    data = found.as_dict() if isinstance(found, Statement) else [st.as_dict() for st in found]
+    return json.dumps(data, indent=2, default=_json_value) + "\n"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return money_str(value)
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def to_csv(statement: Statement) -> str:

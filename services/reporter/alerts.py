@@ -1,0 +1,140 @@
+"""Low-balance and allocation-expiry alerts, each given once per threshold.
+
+An alert's key says what it is about: ``low:<project>:<threshold>:<newest allocation in force>``
+(a new deposit starts a new round of thresholds) or ``expiry:<allocation>:<days>``. The key is
+claimed (``INSERT … ON CONFLICT DO NOTHING``) in the transaction that delivers the alert, so
+running the alert task any number of times gives each alert once; a delivery that fails rolls
+its claim back and is tried again on the next run. When usage jumps past several thresholds at
+once, one alert (the highest) goes out and the lower ones are claimed with it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import smtplib
+import urllib.request
+from dataclasses import dataclass, field
+from decimal import Decimal
+from email.message import EmailMessage
+from urllib.parse import urlsplit
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from shared import ledger
+from shared.config import Settings
+from shared.models import Account, AlertSent, Allocation, Project, User
+from shared.money import money_str
+
+log = logging.getLogger("openacct.alerts")
+TIMEOUT = 10
+
+
+@dataclass
+class Alert:
+    project: str
+    project_id: int
+    kind: str  # "low_balance" or "expiry"
+    message: str
+    keys: list[str]  # the first is the alert itself; the rest are thresholds it passed over
+    recipients: list[str] = field(default_factory=list)
+
+
+def due(session: Session, settings: Settings, now: dt.datetime | None = None) -> list[Alert]:
+    """The alerts whose thresholds are crossed now, sent or not (``send`` skips those sent)."""
+    now = now or ledger.now()
+    alerts: list[Alert] = []
+    projects = session.execute(
+        select(Project, User.email).join(User, User.id == Project.pi_id).where(Project.active).order_by(Project.name)
+    ).all()
+    for project, email in projects:
+        recipients = [email] if email else []
+        balance = ledger.project_balance(session, project, now)
+        newest = session.scalar(
+            select(func.max(Allocation.id)).join(Account, Account.id == Allocation.account_id)
+            .where(Account.project_id == project.id, Allocation.starts_at <= now,
+                   (Allocation.ends_at.is_(None)) | (Allocation.ends_at > now)))
+        if balance.allocated > 0 and newest is not None:
+            used = (balance.allocated - balance.available) / balance.allocated
+            crossed = [t for t in settings.alert_thresholds if used >= Decimal(str(t))]
+            if crossed:
+                keys = [f"low:{project.id}:{t:g}:{newest}" for t in reversed(crossed)]
+                alerts.append(Alert(project.name, project.id, "low_balance", (
+                    f"Project {project.name} has used {used:.0%} of its allocations "
+                    f"(threshold {crossed[-1]:.0%}): {money_str(balance.available)} of "
+                    f"{money_str(balance.allocated)} left."), keys, recipients))
+        ending = session.execute(
+            select(Allocation, Account.name).join(Account, Account.id == Allocation.account_id)
+            .where(Account.project_id == project.id, Allocation.starts_at <= now, Allocation.ends_at.is_not(None),
+                   Allocation.ends_at > now - dt.timedelta(days=1))
+            .order_by(Allocation.ends_at)
+        ).all()
+        for allocation, account in ending:
+            left = allocation.ends_at - now
+            crossed_days = [d for d in settings.alert_expiry_days if left <= dt.timedelta(days=d)]
+            if not crossed_days:
+                continue
+            when = "has ended" if left <= dt.timedelta(0) else f"ends in {max(1, round(left.total_seconds() / 86400))} days"
+            alerts.append(Alert(project.name, project.id, "expiry", (
+                f"Allocation #{allocation.id} of account {account} (project {project.name}, "
+                f"{money_str(allocation.amount)}) {when}, on {allocation.ends_at:%Y-%m-%d %H:%M} UTC."),
+                [f"expiry:{allocation.id}:{d}" for d in crossed_days[::-1]], recipients))
+    return alerts
+
+
+def send(session: Session, settings: Settings, alerts: list[Alert]) -> list[Alert]:
+    """Deliver each alert not given before, and record it; returns those delivered now."""
+    delivered = []
+    for alert in alerts:
+        try:
+            with session.begin_nested():
+                claimed = session.scalars(
+                    insert(AlertSent).values([
+                        {"key": key, "project_id": alert.project_id, "kind": alert.kind, "message": alert.message}
+                        for key in alert.keys])
+                    .on_conflict_do_nothing(index_elements=["key"]).returning(AlertSent.key)
+                ).all()
+                if alert.keys[0] not in claimed:
+                    continue  # given before; the thresholds it passed over are claimed now too
+                channels = deliver(settings, alert)
+                session.execute(AlertSent.__table__.update().where(AlertSent.key == alert.keys[0])
+                                .values(channels=",".join(channels)))
+        except (OSError, smtplib.SMTPException) as exc:  # its claim is rolled back: tried again next run
+            log.error("alert for %s not delivered (%s: %s); trying again on the next run",
+                      alert.project, type(exc).__name__, exc)
+            continue
+        delivered.append(alert)
+    return delivered
+
+
+def deliver(settings: Settings, alert: Alert) -> list[str]:
+    """Send by email (to the PI) and webhook, as configured; raises if a channel fails."""
+    channels = ["log"]
+    log.warning("alert for %s: %s", alert.project, alert.message)
+    if settings.smtp_url and alert.recipients:
+        message = EmailMessage()
+        message["From"] = settings.alert_from
+        message["To"] = ", ".join(alert.recipients)
+        message["Subject"] = f"[OpenAcct] {alert.project}: " + (
+            "allocation running low" if alert.kind == "low_balance" else "allocation ending")
+        message.set_content(alert.message + "\n")
+        url = urlsplit(settings.smtp_url)
+        smtp_class = smtplib.SMTP_SSL if url.scheme == "smtps" else smtplib.SMTP
+        with smtp_class(url.hostname or "localhost", url.port or (465 if url.scheme == "smtps" else 25),
+                        timeout=TIMEOUT) as smtp:
+            if url.username:
+                smtp.login(url.username, url.password or "")
+            smtp.send_message(message)
+        channels.append("email")
+    if settings.alert_webhook_url:
+        body = json.dumps({"project": alert.project, "kind": alert.kind, "key": alert.keys[0],
+                           "message": alert.message}).encode()
+        request = urllib.request.Request(settings.alert_webhook_url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310 - configured by the site
+            response.read()
+        channels.append("webhook")
+    return channels

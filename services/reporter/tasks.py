@@ -1,0 +1,97 @@
+"""The reporter's Celery tasks: report requests from the queue, and the beat schedule's runs.
+
+Thin and late-acked like the other workers; each run is one transaction, and safe to repeat:
+alerts are claimed once per threshold, statements are files written whole over the last run's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from services.batches import RETRYABLE, Outcome, run_batch, sort_out
+from services.reporter import alerts, render
+from services.reporter.statements import month, statements
+from shared.celery_app import get_app
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.deadletter import Parked, park
+from shared.events import ReportRequested
+from shared.models import ProcessedEvent
+
+app = get_app()
+AVAILABLE = {"alerts", "statements"}
+
+
+@app.task(name="reporter.process_batch", bind=True, autoretry_for=RETRYABLE, retry_backoff=True,
+          retry_backoff_max=60, retry_jitter=True, max_retries=None)
+def process_batch(self, events: list) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    return run_batch(self, events, report_events, source="reporter")
+
+
+@app.task(name="reporter.alerts", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+def send_alerts() -> int:
+    """Deliver the alerts due now (beat runs this every ``alert_interval`` seconds)."""
+    settings = get_settings()
+    with session_scope() as session:
+        return len(alerts.send(session, settings, alerts.due(session, settings)))
+
+
+@app.task(name="reporter.statements", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+def write_statements(period: str | None = None) -> str:
+    """Every project's statement for ``period`` (default: last month) as HTML, CSV and JSON
+    files under ``<data dir>/reports/<period>/``."""
+    with session_scope() as session:
+        return str(statement_files(session, period or previous_month()))
+
+
+def report_events(session: Session, items: list[Any], *, source: str = "") -> Outcome:
+    outcome = Outcome()
+    requests, parked = sort_out(items, (ReportRequested,), "reporter", source)
+    for request, raw in requests:
+        if request.report not in AVAILABLE:
+            parked.append(Parked(raw, f"report {request.report!r} is not available yet: one of "
+                                      f"{', '.join(sorted(AVAILABLE))}", request.event_id, request.kind, source))
+            continue
+        claimed = session.scalar(insert(ProcessedEvent).values(event_id=request.event_id, kind=request.kind)
+                                 .on_conflict_do_nothing(index_elements=["event_id"]).returning(ProcessedEvent.event_id))
+        if claimed is None:
+            outcome.duplicates += 1
+            continue
+        try:
+            with session.begin_nested():
+                if request.report == "alerts":
+                    settings = get_settings()
+                    alerts.send(session, settings, alerts.due(session, settings))
+                else:
+                    statement_files(session, str(request.params.get("period") or previous_month()))
+        except (ValueError, OSError) as exc:
+            parked.append(Parked(raw, f"report {request.report!r} failed: {exc}", request.event_id, request.kind, source))
+            continue
+        outcome.recorded += 1
+    outcome.parked = park(session, parked)
+    return outcome
+
+
+def previous_month(today: dt.date | None = None) -> str:
+    first = (today or dt.datetime.now(dt.UTC).date()).replace(day=1)
+    last = first - dt.timedelta(days=1)
+    return f"{last:%Y-%m}"
+
+
+def statement_files(session: Session, period: str) -> Path:
+    start, end = month(period)
+    directory = get_settings().data_dir / "reports" / period
+    directory.mkdir(parents=True, exist_ok=True)
+    for st in statements(session, start, end):
+        for suffix, text in (("html", render.to_html(st)), ("csv", render.to_csv(st)), ("json", render.to_json(st))):
+            path = directory / f"{st.project}.{suffix}"
+            tmp = path.with_suffix(f".{suffix}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)  # a reader never sees half a statement
+    return directory

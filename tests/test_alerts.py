@@ -1,0 +1,161 @@
+"""Alerts: each threshold once however often the task runs, delivered to a real SMTP server and
+a real webhook, and tried again when delivery fails."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from sqlalchemy import select
+
+from openacct.shortcuts import charge, deposit, get_project
+from services.reporter import alerts
+from shared.config import Settings
+from shared.db import session_scope
+from shared.models import AlertSent
+
+UTC = dt.UTC
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name
+        self.messages.append(envelope)
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[str, Inbox]]:
+    inbox = Inbox()
+    with socket.socket() as probe:  # a free port: the controller checks it is up by connecting
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield f"smtp://127.0.0.1:{port}", inbox
+    controller.stop()
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    received: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/alerts", received
+    server.shutdown()
+
+
+@pytest.fixture
+def phys(quickstart: None) -> None:
+    with session_scope() as s:
+        get_project("phys").pi.email = "bob@example.org"
+        s.flush()
+    deposit("phys", "100", start="2026-01-01")
+
+
+def run(settings: Settings) -> list[alerts.Alert]:
+    with session_scope() as s:
+        return alerts.send(s, settings, alerts.due(s, settings))
+
+
+def use(money: str) -> None:
+    charge("phys", "cluster-core-hours", str(int(float(money) / 0.05)), user="tux")
+
+
+def sent_keys() -> list[str]:
+    with session_scope() as s:
+        return sorted(s.scalars(select(AlertSent.key)))
+
+
+@pytest.mark.usefixtures("phys")
+def test_each_threshold_alerts_once_by_email_and_webhook(smtp, webhook) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(smtp_url=smtp[0], alert_webhook_url=webhook[0], alert_from="hpc@example.org")
+    assert run(settings) == []
+    use("55")
+    first = run(settings)
+    assert [a.message for a in first] == [
+        "Project phys has used 55% of its allocations (threshold 50%): 45.00 of 100.00 left."]
+    for _ in range(3):
+        assert run(settings) == []  # the task runs again and again: nothing more
+    use("40")
+    (second,) = run(settings)
+    assert "used 95%" in second.message and "(threshold 90%)" in second.message
+    assert run(settings) == []
+    (inbox, hooks) = (smtp[1], webhook[1])
+    assert [m.rcpt_tos for m in inbox.messages] == [["bob@example.org"], ["bob@example.org"]]
+    assert inbox.messages[0].mail_from == "hpc@example.org"
+    assert b"Subject: [OpenAcct] phys: allocation running low" in inbox.messages[0].content
+    assert [h["message"] for h in hooks] == [a.message for a in (*first, second)]
+
+
+@pytest.mark.usefixtures("phys")
+def test_a_jump_past_several_thresholds_sends_the_highest_only() -> None:
+    use("99")
+    (alert,) = run(Settings())
+    assert "(threshold 90%)" in alert.message
+    assert [k.split(":")[2] for k in sent_keys()] == ["0.5", "0.9"]
+    use("1")
+    (full,) = run(Settings())
+    assert "(threshold 100%)" in full.message
+    assert run(Settings()) == []
+
+
+@pytest.mark.usefixtures("phys")
+def test_a_new_deposit_starts_a_new_round_of_thresholds() -> None:
+    use("60")
+    assert len(run(Settings())) == 1
+    deposit("phys", "100")  # 60 of 200 used: under every threshold
+    assert run(Settings()) == []
+    use("50")  # 110 of 200
+    (again,) = run(Settings())
+    assert "used 55%" in again.message
+
+
+@pytest.mark.usefixtures("quickstart")
+def test_allocation_expiry_alerts_once_per_threshold() -> None:
+    now = dt.datetime.now(UTC)
+    deposit("chem", "10", start="2026-01-01", end=(now + dt.timedelta(days=5)).isoformat())
+    (alert,) = run(Settings())
+    assert alert.kind == "expiry" and "ends in 5 days" in alert.message
+    assert run(Settings()) == []
+    with session_scope() as s:
+        later = alerts.due(s, Settings(), now + dt.timedelta(days=5, hours=1))
+        (ended,) = alerts.send(s, Settings(), later)
+    assert "has ended" in ended.message
+
+
+@pytest.mark.usefixtures("phys")
+def test_an_alert_that_cannot_be_delivered_is_tried_again(webhook) -> None:  # type: ignore[no-untyped-def]
+    use("60")
+    assert run(Settings(alert_webhook_url="http://127.0.0.1:9/nobody-listens")) == []
+    assert sent_keys() == []  # not recorded: the next run tries again
+    (alert,) = run(Settings(alert_webhook_url=webhook[0]))
+    assert webhook[1][0]["key"] == alert.keys[0]
+
+
+def test_alert_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="fraction used"):
+        Settings(alert_thresholds=[50])
+    with pytest.raises(ValueError, match="smtp://"):
+        Settings(smtp_url="mail.example.org")
+    assert Settings(alert_expiry_days=[7, 30, 7]).alert_expiry_days == [30, 7]
+

@@ -1,0 +1,50 @@
+"""The reporter's batch logic in-process: report requests applied once, statement files written
+whole, requests for reports not available parked with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from openacct.shortcuts import charge, deposit
+from services.reporter.tasks import previous_month, report_events
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.models import AlertSent, ParkedEvent
+
+
+def request(event_id: str, report: str, **params: object) -> str:
+    return json.dumps({"schema_version": 1, "kind": "report.requested", "event_id": event_id,
+                       "report": report, "params": params})
+
+
+def apply(*items: str):  # type: ignore[no-untyped-def]
+    with session_scope() as s:
+        return report_events(s, list(items))
+
+
+@pytest.mark.usefixtures("quickstart")
+def test_report_requests_are_applied_once_and_unknown_reports_parked() -> None:
+    deposit("phys", "100", start="2026-01-01")
+    charge("phys", "cluster-core-hours", "1200", user="tux", effective_at="2026-10-05T12:00:00Z")  # 60 of 100
+    outcome = apply(request("r:1", "alerts"), request("r:2", "statements", period="2026-10"),
+                    request("r:3", "rollup"), request("r:1", "alerts"))
+    assert (outcome.recorded, outcome.duplicates, outcome.parked) == (2, 1, 1)
+    with session_scope() as s:
+        assert [k.split(":")[0] for k in s.scalars(select(AlertSent.key))] == ["low"]
+        (reason,) = s.scalars(select(ParkedEvent.reason))
+    assert reason == "report 'rollup' is not available yet: one of alerts, statements"
+    directory = get_settings().data_dir / "reports" / "2026-10"
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "chem.csv", "chem.html", "chem.json", "phys.csv", "phys.html", "phys.json"]
+    phys = json.loads((directory / "phys.json").read_text())
+    assert (phys["opening"], phys["charges"], phys["closing"]) == ("100.00", "-60.00", "40.00")
+
+
+def test_last_month_is_the_default_period() -> None:
+    import datetime as dt
+
+    assert previous_month(dt.date(2026, 1, 15)) == "2025-12"
+    assert previous_month(dt.date(2026, 11, 1)) == "2026-10"
