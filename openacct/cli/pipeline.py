@@ -219,3 +219,16 @@ def events_schema(
     for kind, schema in json_schemas().items():
         (out / f"{kind}.schema.json").write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
     done(f"wrote {len(json_schemas())} schemas to {out}")
+
+
+def flower(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the web page.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to listen on (default: this host only).")] = "127.0.0.1",
+) -> None:
+    """Flower, on the workers' broker: the charger, refunder and reporter, their queues and tasks."""
+    from shared.celery_app import QUEUES, get_app
+
+    # Flower reads task names and queues from the app: make it know all three workers'.
+    for name in QUEUES:
+        __import__(f"services.{name}.tasks")
+    get_app().start(["flower", f"--port={port}", f"--address={address}", "--purge_offline_workers=60"])

@@ -1,0 +1,36 @@
+"""``openacct flower`` serves Flower on the workers' broker (a real Flower on a real Redis)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.pipeline import Process, wait_for
+
+
+def test_flower_serves_its_dashboard_on_the_workers_broker(redis: Any, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flower = Process(["flower", "--port", str(port)], {**os.environ, "OPENACCT_BROKER_URL": redis.url},
+                     tmp_path / "flower.log").start()
+
+    def page(path: str) -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                return response.read().decode()
+        except OSError:
+            return ""
+
+    try:
+        wait_for(lambda: page("/healthcheck") == "OK", 60, "Flower")
+        assert "Flower" in page("/workers") and "<table" in page("/workers")
+        log = (tmp_path / "flower.log").read_text()
+        assert f"Broker: {redis.url}" in log
+        for task in ("charger.process_batch", "refunder.process_batch", "reporter.process_batch", "reporter.alerts"):
+            assert task in log  # it knows all three workers' tasks
+    finally:
+        flower.stop()
