@@ -189,3 +189,32 @@ def _report(requests: list[RefundRequested], sent_at: dt.datetime, as_json: bool
     if len(applied) < len(ids):
         raise typer.Exit(1)
 
+
+
+def rerate(
+    service: Annotated[str, typer.Option(help="The service whose charges to price again, by name or SYSTEM/NAME.")],
+    from_: Annotated[str, typer.Option("--from", help="Charges effective from this time…")],
+    to: Annotated[str, typer.Option(help="…up to (not including) this time.")],
+    project: Annotated[list[str] | None, typer.Option(help="Only this project's charges (repeatable).")] = None,
+    discount: Annotated[str, typer.Option(help="Charge this fraction less, such as 0.2.")] = "0",
+    dry_run: Annotated[bool, typer.Option(help="Show the differences; write nothing.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Price charges again at the rate in effect when they happened (after a rate correction),
+    or with a discount; the differences become adjustments referring to each charge. Running it
+    again changes nothing."""
+    from openacct import shortcuts as sc
+    from services.refunder.rerate import rerate as rerate_charges
+
+    start, end = parse_time(from_, "--from"), parse_time(to, "--to")
+    try:
+        fraction = Decimal(discount)
+    except ArithmeticError:
+        raise InvalidInput(f"bad discount {discount!r}: want a fraction such as 0.2") from None
+    with session_scope() as s:
+        results = rerate_charges(s, sc.get_service(service), start, end, projects=project or None,
+                                 discount=fraction, dry_run=dry_run, actor="openacct rerate")
+    emit_rows([{"project": r.project, "examined": r.examined, "changed": r.changed,
+                "refunded_skipped": r.refunded_skipped, "difference": r.difference} for r in results],
+              ["project", "examined", "changed", "refunded_skipped", "difference"], as_json=as_json,
+              title=f"{'would re-rate' if dry_run else 're-rated'} {service} from {start.isoformat()} to {end.isoformat()}")
