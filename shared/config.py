@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         default=["NODE_FAIL"],
         description="Job states not charged; jobs ending in any other state pay for their elapsed time.",
     )
+    refund_states: dict[str, float] = Field(
+        default={},
+        description="Job states charged and then refunded in part, automatically: a fraction per "
+        'state, such as {"PREEMPTED": 0.5}. States in free_states are not charged at all.',
+    )
     relay_batch_size: int = Field(default=1000, ge=1, le=20_000)
     relay_confirms: bool = Field(
         default=True,
@@ -147,6 +152,18 @@ class Settings(BaseSettings):
     @property
     def spool_path(self) -> Path:
         return self.spool_dir or self.data_dir / "spool"
+
+    @field_validator("refund_states")
+    @classmethod
+    def _refund_fractions(cls, states: dict[str, float]) -> dict[str, float]:
+        from shared.events import JOB_STATES
+
+        for state, fraction in states.items():
+            if state not in JOB_STATES:
+                raise ValueError(f"unknown job state {state}: one of {', '.join(JOB_STATES)}")
+            if not 0 < fraction <= 1:
+                raise ValueError(f"the refund for {state} is a fraction above 0 and at most 1, not {fraction}")
+        return states
 
     @field_validator("free_states")
     @classmethod

@@ -107,3 +107,31 @@ def test_verify_is_clean_after_a_batch() -> None:
     assert total == sum((q * D("0.05")).quantize(six, ROUND_HALF_UP) for q in quantities)
 
 
+
+
+def test_a_state_with_an_automatic_refund_is_charged_then_refunded_in_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.config import get_settings
+
+    monkeypatch.setenv("OPENACCT_REFUND_STATES", '{"PREEMPTED": 0.5}')
+    get_settings.cache_clear()
+    try:
+        outcome = run(job_completed(30, cpus=10, seconds=3600, state="PREEMPTED"), job_completed(31, cpus=10))
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert outcome.charged == 2
+    preempted, completed = charges()
+    with session_scope() as s:
+        (refund,) = s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "refund"))
+    assert (refund.refers_to_id, refund.amount) == (preempted.id, D("0.25"))  # half of 10 core-hours at 0.05
+    assert refund.description == "automatic refund of 50% for jobs ending PREEMPTED"
+    assert completed.amount == D("0.5")
+
+
+def test_refund_states_are_checked() -> None:
+    from shared.config import Settings
+
+    with pytest.raises(ValueError, match="unknown job state EXPLODED"):
+        Settings(refund_states={"EXPLODED": 0.5})
+    with pytest.raises(ValueError, match="a fraction above 0 and at most 1"):
+        Settings(refund_states={"PREEMPTED": 1.5})

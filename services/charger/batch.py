@@ -24,7 +24,7 @@ from shared.config import get_settings
 from shared.deadletter import Parked, park
 from shared.events import LONGEST_JOB, JobCompleted, JobStarted
 from shared.jobs import job_key, upsert_jobs
-from shared.models import Job, ProcessedEvent
+from shared.models import Job, LedgerTransaction, ProcessedEvent
 
 HOUR = Decimal(3600)
 QUANTITY = Decimal("0.000001")
@@ -97,8 +97,24 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
         # let the caller apply its events one by one.
         raise RuntimeError(f"ledger refused charges: {result.refused}")
     outcome.transactions = len(result.transactions)
+    _refund_by_state(session, [r for r in requests if r.details["state"] in settings.refund_states],
+                     result, settings.refund_states)
     outcome.parked = park(session, parked)
     return outcome
+
+
+def _refund_by_state(session: Session, requests: list[ledger.ChargeRequest], result: ledger.ChargeResult,
+                     fractions: dict[str, float]) -> None:
+    """The site's automatic refunds (``refund_states``): a charge, then a refund of part of it
+    pointing at it, in the same transaction, so a statement shows both."""
+    for request in requests:
+        state = request.details["state"]
+        fraction = Decimal(str(fractions[state]))
+        txn = session.get_one(LedgerTransaction, result.transactions[request.key])
+        amount = (txn.amount * fraction).quantize(QUANTITY, rounding=ROUND_HALF_UP)
+        if amount > 0:
+            ledger.refund(session, txn, amount, key=f"{request.key}/refund-{state.lower()}",
+                          reason=f"automatic refund of {float(fraction) * 100:g}% for jobs ending {state}", actor="charger")
 
 
 def _plan(session: Session, directory: Directory, event: JobStarted | JobCompleted, free_states: set[str]) -> Plan:

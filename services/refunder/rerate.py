@@ -80,7 +80,7 @@ def rerate(session: Session, service: Service, start: dt.datetime, end: dt.datet
             allocation=_drawn_from(session, charge), refers_to=charge,
             key=f"rerate:{charge.id}:{money_str(target)}", actor=actor,
             description=f"re-rated at {ledger.rate_at(session, service, charge.effective_at)}"
-                        + (f" less {discount:%}" if discount else ""),
+                        + (f" less {float(discount) * 100:g}%" if discount else ""),
         )
         result.adjustments.append(txn.id)
     return sorted(results.values(), key=lambda r: r.project)
