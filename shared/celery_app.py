@@ -96,11 +96,13 @@ def configure(app: Celery, settings: Settings) -> None:
     app.conf.beat_schedule = {
         "alerts": {"task": "reporter.alerts", "schedule": float(settings.alert_interval),
                    "options": {"queue": "reporter", "routing_key": "reporter"}},
+        "usage-rollup": {"task": "reporter.rollup", "schedule": crontab(minute=15),
+                         "options": {"queue": "reporter", "routing_key": "reporter"}},
         "monthly-statements": {"task": "reporter.statements", "schedule": crontab(minute=0, hour=2, day_of_month=1),
                                "options": {"queue": "reporter", "routing_key": "reporter"}},
     }
     app.conf.task_routes.update({name: {"queue": "reporter", "routing_key": "reporter"}
-                                 for name in ("reporter.alerts", "reporter.statements")})
+                                 for name in ("reporter.alerts", "reporter.statements", "reporter.rollup")})
 
 
 @lru_cache(maxsize=1)

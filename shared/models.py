@@ -20,6 +20,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     ForeignKey,
     Identity,
@@ -499,3 +500,27 @@ class AlertSent(Base):
     message: Mapped[str] = mapped_column(Text)
     channels: Mapped[str] = mapped_column(Text, default="", server_default="")
     sent_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class UsageDaily(Base):
+    """Use per day, system, service, project, account, user and partition, rolled up from the
+    ledger by the reporter; a day rolled up again is replaced whole, so it gives the same rows."""
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (
+        Index("uq_usage_daily_key", "day", "system_id", "service_id", "project_id", "account_id", "user_id",
+              "partition", unique=True, postgresql_nulls_not_distinct=True),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date)
+    system_id: Mapped[int] = mapped_column(Integer)
+    service_id: Mapped[int] = mapped_column(Integer)
+    project_id: Mapped[int] = mapped_column(Integer)
+    account_id: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[int | None] = mapped_column(Integer)
+    partition: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    jobs: Mapped[int] = mapped_column(Integer)
+    quantity: Mapped[Decimal] = mapped_column(Quantity)
+    charged: Mapped[Decimal] = mapped_column(Money)
+    refunded: Mapped[Decimal] = mapped_column(Money)

@@ -18,7 +18,8 @@ CENTER = ("systems", "services", "service_rates", "users", "projects", "project_
 ROLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     # Everything is readable: reports, statements, balances.
     "openacct_reader": [("SELECT", CENTER + LEDGER + ("account_balances", "jobs", "processed_events",
-                                                      "parked_events", "task_deliveries", "alerts_sent"))],
+                                                      "parked_events", "task_deliveries", "alerts_sent",
+                                                      "usage_daily"))],
     # The workers (charger, refunder, reporter) write jobs, the inbox, dead letters, ledger rows
     # and alerts; they lock accounts (FOR NO KEY UPDATE needs UPDATE on the table) but change
     # no center data.
@@ -28,12 +29,14 @@ ROLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("INSERT", LEDGER + ("jobs", "processed_events", "parked_events", "task_deliveries", "account_balances",
                              "alerts_sent")),
         ("UPDATE", ("jobs", "account_balances", "task_deliveries", "accounts", "alerts_sent")),
+        # the usage rollup replaces a day's rows whole
+        ("SELECT, INSERT, DELETE", ("usage_daily",)),
     ],
     # Administrators model the center and move money by hand; still no UPDATE or DELETE on the
     # ledger itself.
     "openacct_admin": [
         ("SELECT", CENTER + LEDGER + ("account_balances", "jobs", "processed_events", "parked_events",
-                                      "task_deliveries", "alerts_sent")),
+                                      "task_deliveries", "alerts_sent", "usage_daily")),
         ("INSERT, UPDATE", CENTER + ("jobs", "processed_events", "parked_events", "account_balances",
                                      "task_deliveries")),
         ("DELETE", ("project_members",)),

@@ -30,12 +30,12 @@ def test_report_requests_are_applied_once_and_unknown_reports_parked() -> None:
     deposit("phys", "100", start="2026-01-01")
     charge("phys", "cluster-core-hours", "1200", user="tux", effective_at="2026-10-05T12:00:00Z")  # 60 of 100
     outcome = apply(request("r:1", "alerts"), request("r:2", "statements", period="2026-10"),
-                    request("r:3", "rollup"), request("r:1", "alerts"))
+                    request("r:3", "usage"), request("r:1", "alerts"))
     assert (outcome.recorded, outcome.duplicates, outcome.parked) == (2, 1, 1)
     with session_scope() as s:
         assert [k.split(":")[0] for k in s.scalars(select(AlertSent.key))] == ["low"]
         (reason,) = s.scalars(select(ParkedEvent.reason))
-    assert reason == "report 'rollup' is not available yet: one of alerts, statements"
+    assert reason == "report 'usage' is not available yet: one of alerts, rollup, statements"
     directory = get_settings().data_dir / "reports" / "2026-10"
     assert sorted(p.name for p in directory.iterdir()) == [
         "chem.csv", "chem.html", "chem.json", "phys.csv", "phys.html", "phys.json"]

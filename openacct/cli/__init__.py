@@ -97,6 +97,7 @@ app.command("rerate")(refunds.rerate)
 app.command("statement")(reports.statement)
 app.command("alerts")(reports.alerts)
 app.command("beat")(reports.beat)
+app.add_typer(reports.report_app, name="report")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import sys
 from pathlib import Path
@@ -123,3 +124,60 @@ def alerts(
     emit_rows([{"project": a.project, "kind": a.kind, "message": a.message} for a in found],
               ["project", "kind", "message"], as_json=as_json,
               title=f"{len(found)} alerts {'due' if dry_run else 'sent'}")
+
+
+report_app = typer.Typer(help="Usage reports, from the daily rollup.", no_args_is_help=True)
+
+
+def _days(from_: str, to: str) -> tuple[dt.date, dt.date]:
+    try:
+        first, last = dt.date.fromisoformat(from_), dt.date.fromisoformat(to)
+    except ValueError as exc:
+        raise InvalidInput(f"bad day: {exc} (want YYYY-MM-DD)") from None
+    if last < first:
+        raise InvalidInput(f"--to {last} is before --from {first}")
+    return first, last
+
+
+@report_app.command("rollup")
+def report_rollup(
+    from_: Annotated[str, typer.Option("--from", help="First day, YYYY-MM-DD (UTC).")],
+    to: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD (UTC).")],
+) -> None:
+    """Roll up these days' usage again from the ledger (the reporter does the last days hourly)."""
+    from services.reporter import usage
+
+    first, last = _days(from_, to)
+    with session_scope() as s:
+        rows = usage.rollup(s, first, last)
+    typer.echo(f"rolled up {first} to {last}: {rows} rows")
+
+
+@report_app.command("usage")
+def report_usage(
+    from_: Annotated[str, typer.Option("--from", help="First day, YYYY-MM-DD (UTC).")],
+    to: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD (UTC).")],
+    by: Annotated[str, typer.Option(help="Comma-separated: project, pi, account, user, system, service, partition, day, month.")] = "project",
+    format_: Annotated[Format, typer.Option("--format", help="text, json or csv.")] = Format.text,
+) -> None:
+    """Jobs, charges and refunds per project, PI, user, partition, … (sreport-like)."""
+    import csv
+
+    from services.reporter import usage
+
+    first, last = _days(from_, to)
+    dimensions = [d.strip() for d in by.split(",") if d.strip()]
+    try:
+        with session_scope() as s:
+            rows = usage.report(s, first, last, dimensions)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    columns = [*dimensions, *(["quantity"] if "service" in dimensions else []), "jobs", "charged", "refunded", "net"]
+    if format_ is Format.csv:
+        writer = csv.DictWriter(sys.stdout, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif format_ is Format.html:
+        raise InvalidInput("usage reports come as text, json or csv")
+    else:
+        emit_rows(rows, columns, as_json=format_ is Format.json, title=f"usage {first} to {last} by {', '.join(dimensions)}")

@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from services.batches import RETRYABLE, Outcome, run_batch, sort_out
-from services.reporter import alerts, render
+from services.reporter import alerts, render, usage
 from services.reporter.statements import month, statements
 from shared.celery_app import get_app
 from shared.config import get_settings
@@ -25,7 +25,9 @@ from shared.events import ReportRequested
 from shared.models import ProcessedEvent
 
 app = get_app()
-AVAILABLE = {"alerts", "statements"}
+AVAILABLE = {"alerts", "statements", "rollup"}
+# Each scheduled rollup does the last few days again: late job events land within them.
+ROLLUP_DAYS = 3
 
 
 @app.task(name="reporter.process_batch", bind=True, autoretry_for=RETRYABLE, retry_backoff=True,
@@ -50,6 +52,14 @@ def write_statements(period: str | None = None) -> str:
         return str(statement_files(session, period or previous_month()))
 
 
+@app.task(name="reporter.rollup", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+def roll_up(days: int = ROLLUP_DAYS) -> int:
+    """Roll up usage for today and the ``days`` before it (beat runs this hourly)."""
+    today = dt.datetime.now(dt.UTC).date()
+    with session_scope() as session:
+        return usage.rollup(session, today - dt.timedelta(days=days), today)
+
+
 def report_events(session: Session, items: list[Any], *, source: str = "") -> Outcome:
     outcome = Outcome()
     requests, parked = sort_out(items, (ReportRequested,), "reporter", source)
@@ -68,6 +78,11 @@ def report_events(session: Session, items: list[Any], *, source: str = "") -> Ou
                 if request.report == "alerts":
                     settings = get_settings()
                     alerts.send(session, settings, alerts.due(session, settings))
+                elif request.report == "rollup":
+                    today = dt.datetime.now(dt.UTC).date()
+                    first = dt.date.fromisoformat(str(request.params.get("from") or today - dt.timedelta(days=ROLLUP_DAYS)))
+                    last = dt.date.fromisoformat(str(request.params.get("to") or today))
+                    usage.rollup(session, first, last)
                 else:
                     statement_files(session, str(request.params.get("period") or previous_month()))
         except (ValueError, OSError) as exc:

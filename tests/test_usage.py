@@ -1,0 +1,96 @@
+"""The usage rollup against the ledger: the same rows however often a day is rolled up, and
+reports whose totals are the ledger's."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+
+from openacct.shortcuts import deposit, refund
+from services.charger.batch import charge_events
+from services.reporter.usage import report, rollup
+from shared.db import session_scope
+from shared.models import Job, LedgerTransaction, UsageDaily
+from tests.events import job_completed, raw
+
+D = Decimal
+UTC = dt.UTC
+DAY1, DAY2 = dt.date(2026, 11, 20), dt.date(2026, 11, 21)
+TODAY = dt.datetime.now(UTC).date()  # refunds count on the day they are made, as in the ledger
+
+
+def end_on(day: dt.date, hour: int) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time(hour), UTC)
+
+
+@pytest.fixture
+def jobs(quickstart: None) -> None:
+    deposit("phys", "1000", start="2026-01-01")
+    deposit("chem", "1000", start="2026-01-01")
+    events = [
+        job_completed(1, user="tux", account="phys", cpus=10, seconds=3600, end=end_on(DAY1, 10)),
+        job_completed(2, user="bob", account="phys", cpus=20, seconds=3600, end=end_on(DAY1, 11), partition="gpu"),
+        job_completed(3, user="tux", account="chem", cpus=4, seconds=7200, end=end_on(DAY1, 12)),
+        job_completed(4, user="tux", account="phys", cpus=2, seconds=3600, end=end_on(DAY2, 1)),
+    ]
+    with session_scope() as s:
+        assert charge_events(s, [raw(e).decode() for e in events]).charged == 4
+        bobs = s.scalar(select(LedgerTransaction).join(Job, Job.id == LedgerTransaction.job_id)
+                        .where(LedgerTransaction.kind == "charge", Job.job_id == "2"))
+    refund(bobs, "0.25")
+
+
+def rows() -> list[tuple]:  # type: ignore[type-arg]
+    with session_scope() as s:
+        return sorted(tuple(getattr(r, c) for c in ("day", "project_id", "account_id", "user_id", "partition",
+                                                     "jobs", "quantity", "charged", "refunded"))
+                      for r in s.scalars(select(UsageDaily)))
+
+
+@pytest.mark.usefixtures("jobs")
+def test_rolling_a_day_up_again_gives_the_same_rows() -> None:
+    with session_scope() as s:
+        assert rollup(s, DAY1, DAY2) == 4  # phys/tux/batch, phys/bob/gpu, chem/tux, day 2 phys/tux
+        assert rollup(s, DAY1, TODAY) == 5  # and today's refund
+    first = rows()
+    for _ in range(2):
+        with session_scope() as s:
+            rollup(s, DAY1, TODAY)
+    assert rows() == first
+    with session_scope() as s:
+        total = s.scalar(select(func.sum(LedgerTransaction.amount)).where(LedgerTransaction.kind == "charge"))
+        assert s.scalar(select(func.sum(UsageDaily.charged))) == total
+        assert s.scalar(select(func.sum(UsageDaily.refunded))) == D("0.25")
+
+
+@pytest.mark.usefixtures("jobs")
+def test_reports_by_project_user_and_partition() -> None:
+    with session_scope() as s:
+        rollup(s, DAY1, TODAY)
+        by_project = {r["project"]: (r["jobs"], r["charged"], r["net"]) for r in report(s, DAY1, TODAY, ["project"])}
+        by_user_partition = {(r["user"], r["partition"]): r["charged"] for r in report(s, DAY1, DAY2, ["user", "partition"])}
+        by_service_day = report(s, DAY2, DAY2, ["service", "day"])
+        by_pi = {r["pi"]: r["net"] for r in report(s, DAY1, TODAY, ["pi"])}
+    # core-hours at 0.05: phys 10 + 20 + 2 core-hours, chem 8
+    assert by_project == {"phys": (3, D("1.6"), D("1.35")), "chem": (1, D("0.4"), D("0.4"))}
+    assert by_user_partition == {("tux", "batch"): D("1.0"), ("bob", "gpu"): D("1")}
+    assert [(r["service"], r["day"], r["quantity"]) for r in by_service_day] == [("cluster-core-hours", DAY2, D("2"))]
+    assert by_pi == {"bob": D("1.35"), "sue": D("0.4")}
+    with pytest.raises(ValueError, match="break usage down by"):
+        with session_scope() as s:
+            report(s, DAY1, DAY2, ["colour"])
+
+
+@pytest.mark.usefixtures("jobs")
+def test_the_usage_command(cli) -> None:  # type: ignore[no-untyped-def]
+    assert cli("report", "rollup", "--from", "2026-11-20", "--to", "2026-11-21").code == 0
+    result = cli("report", "usage", "--from", "2026-11-20", "--to", "2026-11-21", "--by", "project,user", "--format", "json")
+    assert result.code == 0, result.err
+    assert {(r["project"], r["user"]): r["charged"] for r in result.json()} == {
+        ("phys", "bob"): "1.00", ("phys", "tux"): "0.60", ("chem", "tux"): "0.40"}
+    csv_out = cli("report", "usage", "--from", "2026-11-20", "--to", "2026-11-20", "--by", "partition", "--format", "csv")
+    assert csv_out.out.splitlines()[0] == "partition,jobs,charged,refunded,net"
+    assert "want YYYY-MM-DD" in cli("report", "usage", "--from", "20 Nov", "--to", "2026-11-21").err
