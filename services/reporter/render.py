@@ -98,7 +98,8 @@ def daily_chart(statement: Statement, width: int = 720, height: int = 160) -> st
             per_day[f"{line.effective_at:%Y-%m-%d}"] -= line.amount
     if not per_day:
         return "<p>No charges in this period.</p>"
-    days = sorted(per_day)
+    first, last = statement.start.date(), (statement.end - dt.timedelta(microseconds=1)).date()
+    days = [f"{first + dt.timedelta(days=n):%Y-%m-%d}" for n in range((last - first).days + 1)]
     top = max(max(per_day.values()), Decimal("0.000001"))
     step = width / len(days)
     bars = []
