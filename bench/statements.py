@@ -14,7 +14,6 @@ Uses OPENACCT_DATABASE_URL's server (database openacct_bench_statements) or an e
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import sys
 import tempfile
