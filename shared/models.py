@@ -509,7 +509,7 @@ class UsageDaily(Base):
     __tablename__ = "usage_daily"
     __table_args__ = (
         Index("uq_usage_daily_key", "day", "system_id", "service_id", "project_id", "account_id", "user_id",
-              "partition", unique=True, postgresql_nulls_not_distinct=True),
+              "partition", "job_size", unique=True, postgresql_nulls_not_distinct=True),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -520,6 +520,8 @@ class UsageDaily(Base):
     account_id: Mapped[int] = mapped_column(Integer)
     user_id: Mapped[int | None] = mapped_column(Integer)
     partition: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # The job's size class by CPUs ("1", "2-8", …; "" for charges that are not jobs').
+    job_size: Mapped[str] = mapped_column(String(16), default="", server_default="")
     jobs: Mapped[int] = mapped_column(Integer)
     quantity: Mapped[Decimal] = mapped_column(Quantity)
     charged: Mapped[Decimal] = mapped_column(Money)

@@ -94,3 +94,15 @@ def test_the_usage_command(cli) -> None:  # type: ignore[no-untyped-def]
     csv_out = cli("report", "usage", "--from", "2026-11-20", "--to", "2026-11-20", "--by", "partition", "--format", "csv")
     assert csv_out.out.splitlines()[0] == "partition,jobs,charged,refunded,net"
     assert "want YYYY-MM-DD" in cli("report", "usage", "--from", "20 Nov", "--to", "2026-11-21").err
+
+
+@pytest.mark.usefixtures("jobs")
+def test_usage_by_job_size_and_the_html_page(cli) -> None:  # type: ignore[no-untyped-def]
+    with session_scope() as s:
+        rollup(s, DAY1, DAY2)
+        by_size = {r["size"]: (r["jobs"], r["charged"]) for r in report(s, DAY1, DAY2, ["size"])}
+    assert by_size == {"9-64": (2, D("1.5")), "2-8": (2, D("0.5"))}  # 10 and 20 CPUs; 4 and 2
+    page = cli("report", "usage", "--from", "2026-11-20", "--to", "2026-11-21", "--by", "project,size",
+               "--format", "html").out
+    assert page.startswith("<!doctype html>") and page.count("<svg") == 1 and page.count("class=shares") == 2
+    assert "<th>size</th>" in page and "9-64" in page

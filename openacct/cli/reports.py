@@ -157,10 +157,10 @@ def report_rollup(
 def report_usage(
     from_: Annotated[str, typer.Option("--from", help="First day, YYYY-MM-DD (UTC).")],
     to: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD (UTC).")],
-    by: Annotated[str, typer.Option(help="Comma-separated: project, pi, account, user, system, service, partition, day, month.")] = "project",
-    format_: Annotated[Format, typer.Option("--format", help="text, json or csv.")] = Format.text,
+    by: Annotated[str, typer.Option(help="Comma-separated: project, pi, account, user, system, service, partition, size, day, month.")] = "project",
+    format_: Annotated[Format, typer.Option("--format", help="text, json, csv or html (with charts).")] = Format.text,
 ) -> None:
-    """Jobs, charges and refunds per project, PI, user, partition, … (sreport-like)."""
+    """Jobs, charges and refunds per project, PI, user, partition, job size, … (sreport-like)."""
     import csv
 
     from services.reporter import usage
@@ -170,14 +170,17 @@ def report_usage(
     try:
         with session_scope() as s:
             rows = usage.report(s, first, last, dimensions)
+            if format_ is Format.html:
+                charts = [usage.report(s, first, last, [d]) for d in ("day", "user", "service")]
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
+    if format_ is Format.html:
+        sys.stdout.write(render.usage_page(first, last, dimensions, rows, *charts))
+        return
     columns = [*dimensions, *(["quantity"] if "service" in dimensions else []), "jobs", "charged", "refunded", "net"]
     if format_ is Format.csv:
         writer = csv.DictWriter(sys.stdout, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    elif format_ is Format.html:
-        raise InvalidInput("usage reports come as text, json or csv")
     else:
         emit_rows(rows, columns, as_json=format_ is Format.json, title=f"usage {first} to {last} by {', '.join(dimensions)}")

@@ -90,7 +90,7 @@ td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 """
 
 
-def daily_chart(statement: Statement, width: int = 720, height: int = 160) -> str:
+def daily_chart(statement: Statement) -> str:
     """An inline SVG bar chart of the charges (net of refunds) of each day of the period."""
     per_day: dict[str, Decimal] = defaultdict(Decimal)
     for line in statement.lines:
@@ -99,14 +99,67 @@ def daily_chart(statement: Statement, width: int = 720, height: int = 160) -> st
     if not per_day:
         return "<p>No charges in this period.</p>"
     first, last = statement.start.date(), (statement.end - dt.timedelta(microseconds=1)).date()
-    days = [f"{first + dt.timedelta(days=n):%Y-%m-%d}" for n in range((last - first).days + 1)]
-    top = max(max(per_day.values()), Decimal("0.000001"))
-    step = width / len(days)
+    return bar_chart([(day, per_day.get(day, Decimal(0))) for day in _days(first, last)], "charges per day")
+
+
+def _days(first: dt.date, last: dt.date) -> list[str]:
+    return [f"{first + dt.timedelta(days=n):%Y-%m-%d}" for n in range((last - first).days + 1)]
+
+
+def bar_chart(points: list[tuple[str, Decimal]], title: str, width: int = 720, height: int = 160) -> str:
+    """Vertical bars, one per point, in order; the first and last labels under them."""
+    top = max([v for _, v in points] + [Decimal("0.000001")])
+    step = width / max(len(points), 1)
     bars = []
-    for i, day in enumerate(days):
-        h = float(max(per_day[day], Decimal(0)) / top) * (height - 20)
+    for i, (label, value) in enumerate(points):
+        h = float(max(value, Decimal(0)) / top) * (height - 20)
         bars.append(f'<rect x="{i * step + 1:.1f}" y="{height - 15 - h:.1f}" width="{max(step - 2, 1):.1f}" '
-                    f'height="{h:.1f}"><title>{day}: {money_str(per_day[day])}</title></rect>')
-    labels = f'<text x="0" y="{height - 2}">{days[0]}</text><text x="{width - 60}" y="{height - 2}">{days[-1]}</text>'
+                    f'height="{h:.1f}"><title>{html.escape(label)}: {money_str(value)}</title></rect>')
+    labels = (f'<text x="0" y="{height - 2}">{html.escape(points[0][0])}</text>'
+              f'<text x="{width - 60}" y="{height - 2}">{html.escape(points[-1][0])}</text>') if points else ""
     return (f'<svg class=chart width="{width}" height="{height}" role="img" '
-            f'aria-label="charges per day">{"".join(bars)}{labels}</svg>')
+            f'aria-label="{html.escape(title)}">{"".join(bars)}{labels}</svg>')
+
+
+def share_bars(points: list[tuple[str, Decimal]]) -> str:
+    """Horizontal bars, biggest first: who or what used how much."""
+    top = max([v for _, v in points] + [Decimal("0.000001")])
+    rows = "".join(
+        f'<tr><td>{html.escape(label or "(none)")}</td><td class=n>{html.escape(money_str(value))}</td>'
+        f'<td><div class=bar style="width:{float(max(value, Decimal(0)) / top) * 300:.0f}px"></div></td></tr>'
+        for label, value in points)
+    return f"<table class=shares>{rows}</table>"
+
+
+def usage_page(first: dt.date, last: dt.date, by: list[str], rows: list[dict[str, Any]],
+               over_time: list[dict[str, Any]], by_user: list[dict[str, Any]], by_service: list[dict[str, Any]]) -> str:
+    """A usage report a PI would rather look at than read: net charges over time, by user, by
+    service, and the table broken down as asked."""
+    e = html.escape
+    per_day = {f"{r['day']:%Y-%m-%d}": r["net"] for r in over_time}
+    columns = [*by, "jobs", "charged", "refunded", "net"]
+    head = "".join(f"<th>{e(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(
+        f"<td class=n>{e(money_str(r[c]))}</td>" if isinstance(r[c], Decimal) else f"<td>{e(str(r[c]))}</td>"
+        for c in columns) + "</tr>" for r in rows)
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>Usage {first} to {last}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
+h1 {{ font-size: 1.4em; }} table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ padding: .25em .75em; border-bottom: 1px solid #ddd; text-align: left; }}
+td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.chart rect {{ fill: #3a6ea5; }} .bar {{ background: #3a6ea5; height: 1em; }}
+.chart text {{ font-size: 10px; fill: #555; }}
+</style></head><body>
+<h1>Usage from {first} to {last}</h1>
+<h2>Net charges per day</h2>
+{bar_chart([(day, per_day.get(day, Decimal(0))) for day in _days(first, last)], "net charges per day")}
+<h2>By user</h2>
+{share_bars([(r["user"], r["net"]) for r in by_user])}
+<h2>By service</h2>
+{share_bars([(r["service"], r["net"]) for r in by_service])}
+<h2>By {e(", ".join(by))}</h2>
+<table id=usage><tr>{head}</tr>{body}</table>
+</body></html>
+"""

@@ -18,7 +18,10 @@ from sqlalchemy.orm import Session, aliased
 from shared.models import Account, Job, LedgerTransaction, Project, Service, System, UsageDaily, User
 
 # What a report can be broken down by, and the column that says it.
-DIMENSIONS = ("project", "pi", "account", "user", "system", "service", "partition", "day", "month")
+DIMENSIONS = ("project", "pi", "account", "user", "system", "service", "partition", "size", "day", "month")
+# Job size classes by CPUs, as sreport's job size reports group them.
+SIZE_CLASS = ("CASE WHEN jobs.cpus IS NULL THEN '' WHEN jobs.cpus <= 1 THEN '1' WHEN jobs.cpus <= 8 THEN '2-8' "
+              "WHEN jobs.cpus <= 64 THEN '9-64' WHEN jobs.cpus <= 512 THEN '65-512' ELSE '513+' END")
 
 
 def rollup(session: Session, first: dt.date, last: dt.date) -> int:
@@ -32,11 +35,12 @@ def rollup(session: Session, first: dt.date, last: dt.date) -> int:
     # Literals, not parameters: the same expression must read the same in SELECT and GROUP BY.
     day = cast(func.timezone(literal_column("'UTC'"), t.effective_at), Date)
     partition = func.coalesce(Job.partition, literal_column("''"))
+    size = literal_column(SIZE_CLASS)
     signed = func.sum(t.amount).filter(t.kind == "charge")
     source = (
         select(
             day.label("day"), Service.system_id, t.service_id, Account.project_id, t.account_id, t.user_id,
-            partition.label("partition"),
+            partition.label("partition"), size.label("job_size"),
             func.count(func.distinct(t.job_id)).filter(t.kind == "charge").label("jobs"),
             func.coalesce(func.sum(t.quantity).filter(t.kind == "charge"), 0).label("quantity"),
             func.coalesce(signed, 0).label("charged"),
@@ -46,9 +50,9 @@ def rollup(session: Session, first: dt.date, last: dt.date) -> int:
         .join(Account, Account.id == t.account_id)
         .outerjoin(Job, Job.id == t.job_id)
         .where(t.kind.in_(("charge", "refund")), t.effective_at >= start, t.effective_at < end)
-        .group_by(day, Service.system_id, t.service_id, Account.project_id, t.account_id, t.user_id, partition)
+        .group_by(day, Service.system_id, t.service_id, Account.project_id, t.account_id, t.user_id, partition, size)
     )
-    columns = ["day", "system_id", "service_id", "project_id", "account_id", "user_id", "partition",
+    columns = ["day", "system_id", "service_id", "project_id", "account_id", "user_id", "partition", "job_size",
                "jobs", "quantity", "charged", "refunded"]
     session.execute(UsageDaily.__table__.insert().from_select(columns, source))
     return session.scalar(select(func.count()).where(UsageDaily.day >= first, UsageDaily.day <= last)) or 0
@@ -63,7 +67,7 @@ def report(session: Session, first: dt.date, last: dt.date, by: list[str]) -> li
     pi = aliased(User)
     column = {
         "project": Project.name, "pi": pi.name, "account": Account.name, "user": func.coalesce(User.name, ""),
-        "system": System.name, "service": Service.name, "partition": u.partition, "day": u.day,
+        "system": System.name, "service": Service.name, "partition": u.partition, "size": u.job_size, "day": u.day,
         "month": func.to_char(u.day, literal_column("'YYYY-MM'")),
     }
     keys = [column[b].label(b) for b in by]
