@@ -96,13 +96,21 @@ def configure(app: Celery, settings: Settings) -> None:
     app.conf.beat_schedule = {
         "alerts": {"task": "reporter.alerts", "schedule": float(settings.alert_interval),
                    "options": {"queue": "reporter", "routing_key": "reporter"}},
-        "usage-rollup": {"task": "reporter.rollup", "schedule": crontab(minute=15),
+        "usage-rollup": {"task": "reporter.rollup", "schedule": cron(settings.rollup_schedule),
                          "options": {"queue": "reporter", "routing_key": "reporter"}},
-        "monthly-statements": {"task": "reporter.statements", "schedule": crontab(minute=0, hour=2, day_of_month=1),
+        "monthly-statements": {"task": "reporter.statements", "schedule": cron(settings.statements_schedule),
                                "options": {"queue": "reporter", "routing_key": "reporter"}},
     }
     app.conf.task_routes.update({name: {"queue": "reporter", "routing_key": "reporter"}
                                  for name in ("reporter.alerts", "reporter.statements", "reporter.rollup")})
+
+
+def cron(line: str) -> crontab:
+    """A cron line (minute hour day-of-month month day-of-week) as celery's schedule, whose
+    arguments come in another order."""
+    minute, hour, day_of_month, month_of_year, day_of_week = line.split()
+    return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
+                   day_of_week=day_of_week)
 
 
 @lru_cache(maxsize=1)

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         default=[30, 7, 0], description="Days before an allocation ends at which its PI is told, once each."
     )
     alert_interval: int = Field(default=900, ge=60, description="Seconds between the reporter's alert runs.")
+    rollup_schedule: str = Field(
+        default="15 * * * *", description="When beat has the usage rollup run: a cron line (minute hour day month weekday)."
+    )
+    statements_schedule: str = Field(
+        default="0 2 1 * *", description="When beat has last month's statements written: a cron line."
+    )
     smtp_url: str | None = Field(
         default=None, description="smtp://host:port (or smtps://) to send alerts by email; unset: no email."
     )
@@ -107,6 +113,20 @@ class Settings(BaseSettings):
         if any(v < 0 or v > 3650 for v in values):
             raise ValueError("each is a number of days from 0 to 3650")
         return sorted(set(values), reverse=True)
+
+    @field_validator("rollup_schedule", "statements_schedule")
+    @classmethod
+    def _cron(cls, line: str) -> str:
+        fields = line.split()
+        if len(fields) != 5:
+            raise ValueError("must be a cron line of five fields: minute hour day-of-month month day-of-week")
+        from shared.celery_app import cron
+
+        try:
+            cron(line)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"is not a cron line celery reads: {exc}") from None
+        return " ".join(fields)
 
     @field_validator("smtp_url", "alert_webhook_url")
     @classmethod

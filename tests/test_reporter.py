@@ -48,3 +48,37 @@ def test_last_month_is_the_default_period() -> None:
 
     assert previous_month(dt.date(2026, 1, 15)) == "2025-12"
     assert previous_month(dt.date(2026, 11, 1)) == "2026-10"
+
+
+def test_one_beat_runs_and_a_second_waits_for_it(center, redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from tests.pipeline import Process, wait_for
+
+    env = {**os.environ, "OPENACCT_BROKER_URL": redis.url, "OPENACCT_DATA_DIR": str(tmp_path)}
+    first = Process(["beat", "--loglevel", "info"], env, tmp_path / "first.log").start()
+    second = Process(["beat", "--loglevel", "info"], env, tmp_path / "second.log")
+    try:
+        wait_for(lambda: "beat: Starting" in (tmp_path / "first.log").read_text(errors="replace"), 60, "the first beat")
+        second.start()
+        wait_for(lambda: "another openacct beat is running" in (tmp_path / "second.log").read_text(errors="replace"),
+                 60, "the second beat to wait")
+        assert "beat: Starting" not in (tmp_path / "second.log").read_text(errors="replace")
+        first.stop()
+        wait_for(lambda: "beat: Starting" in (tmp_path / "second.log").read_text(errors="replace"), 60,
+                 "the second beat to take over")
+    finally:
+        second.stop()
+        first.stop()
+
+
+def test_schedules_are_cron_lines() -> None:
+    from shared.celery_app import cron
+    from shared.config import Settings
+
+    assert Settings(statements_schedule="0 2 1 * *").statements_schedule == "0 2 1 * *"
+    assert cron("0 2 1 * *").day_of_month == {1} and cron("0 2 1 * *").hour == {2}
+    with pytest.raises(ValueError, match="five fields"):
+        Settings(rollup_schedule="hourly")
+    with pytest.raises(ValueError, match="Invalid end range"):
+        Settings(rollup_schedule="99 * * * *")
