@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from shared import bulk
 from shared.errors import IdempotencyConflict, InsufficientFunds, InvalidInput, NotFound
@@ -502,8 +502,19 @@ def _referred_sum(session: Session, txn: LedgerTransaction, kind: str) -> Decima
     )
 
 
+def adjusted(session: Session, charge_txn: LedgerTransaction) -> Decimal:
+    """The signed sum that adjustments (re-rating) added to a charge."""
+    return session.scalar(
+        select(func.coalesce(func.sum(LedgerEntry.amount), 0))
+        .join(LedgerTransaction, LedgerTransaction.id == LedgerEntry.transaction_id)
+        .where(LedgerTransaction.refers_to_id == charge_txn.id, LedgerTransaction.kind == "adjustment",
+               LedgerEntry.bucket == "charged")
+    )
+
+
 def refundable(session: Session, charge_txn: LedgerTransaction) -> Decimal:
-    return charge_txn.amount - _referred_sum(session, charge_txn, "refund")
+    """What is left to refund of a charge: its amount as adjusted since, less its refunds."""
+    return max(ZERO, charge_txn.amount + adjusted(session, charge_txn) - _referred_sum(session, charge_txn, "refund"))
 
 
 def refund(
@@ -514,9 +525,11 @@ def refund(
     key: str | None = None,
     reason: str = "",
     actor: str = "",
+    effective_at: dt.datetime | None = None,
 ) -> LedgerTransaction:
     """Give back ``amount`` (default: all that is still refundable) of a charge, to the
-    allocations it was drawn from. Refunds of one charge never add up to more than it."""
+    allocations it was drawn from, effective now (or at ``effective_at``, never before the
+    charge). Refunds of one charge never add up to more than it, as adjusted."""
     if charge_txn.kind != "charge":
         raise InvalidInput(f"transaction #{charge_txn.id} is a {charge_txn.kind}, not a charge")
     wanted = None if amount is None else parse_money(amount, "refund amount")
@@ -532,21 +545,27 @@ def refund(
             f"refund of {money_str(amount)} refused: charge #{charge_txn.id} of "
             f"{money_str(charge_txn.amount)} has {money_str(remaining)} left to refund"
         )
+    at = _effective(effective_at)
+    if at < charge_txn.effective_at:
+        raise InvalidInput(f"a refund of charge #{charge_txn.id} cannot take effect before the charge")
     # Give back to the slices the charge took last first, so a partial refund restores the
     # allocation that the charge reached into latest.
-    already = charge_txn.amount - remaining
+    already = _referred_sum(session, charge_txn, "refund")
     entries: list[_Entry] = []
     rest = amount
-    for slice_ in reversed(_charge_slices(charge_txn)):
+    slices = _charge_slices(charge_txn)
+    for slice_ in reversed(slices):
         take_from_slice = slice_.amount - min(already, slice_.amount)
         already -= min(already, slice_.amount)
         take = min(take_from_slice, rest)
         if take > 0:
             entries.append(_Entry(account.id, slice_.allocation_id, "refunded", take))
             rest -= take
+    if rest > 0:  # a charge re-rated upwards has more to give back than its slices took
+        entries.append(_Entry(account.id, slices[0].allocation_id if slices else None, "refunded", rest))
     return _write(
         session, kind="refund", key=key, request_hash=digest, amount=amount, account=account,
-        effective_at=now(), refers_to_id=charge_txn.id, service_id=charge_txn.service_id,
+        effective_at=at, refers_to_id=charge_txn.id, service_id=charge_txn.service_id,
         job_id=charge_txn.job_id, user_id=charge_txn.user_id, description=reason, actor=actor,
         entries=entries,
     )
@@ -855,11 +874,20 @@ def verify(session: Session) -> list[Mismatch]:
     ).all()
     problems += [Mismatch(f"transfer #{tid}", f"entries sum to {money_str(s)}, not 0") for tid, s in unbalanced]
 
+    # What re-rating added to (or took from) each charge: its refunds may reach that far.
+    adj = aliased(LedgerTransaction)
+    adjustments = (
+        select(adj.refers_to_id, func.sum(LedgerEntry.amount).label("delta"))
+        .join(LedgerEntry, LedgerEntry.transaction_id == adj.id)
+        .where(adj.kind == "adjustment", LedgerEntry.bucket == "charged").group_by(adj.refers_to_id).subquery()
+    )
     for kind, parent_kind in (("refund", "charge"), ("release", "hold")):
         child = select(t.refers_to_id, func.sum(t.amount).label("total")).where(t.kind == kind).group_by(t.refers_to_id).subquery()
         over = session.execute(
-            select(t.id, t.amount, child.c.total).join(child, child.c.refers_to_id == t.id)
-            .where(or_(t.kind != parent_kind, child.c.total > t.amount))
+            select(t.id, t.amount + func.coalesce(adjustments.c.delta, 0), child.c.total)
+            .join(child, child.c.refers_to_id == t.id)
+            .outerjoin(adjustments, adjustments.c.refers_to_id == t.id)
+            .where(or_(t.kind != parent_kind, child.c.total > t.amount + func.coalesce(adjustments.c.delta, 0)))
         ).all()
         problems += [
             Mismatch(f"{parent_kind} #{tid}", f"{kind}s total {money_str(total)}, more than its {money_str(amt)}")

@@ -92,3 +92,21 @@ def test_the_command(october, cli) -> None:  # type: ignore[no-untyped-def]
     assert adjustments() == []
     assert cli("rerate", "--service", "cluster-core-hours", "--from", "2026-10-01", "--to", "2026-11-01",
                "--discount", "x").code != 0
+
+
+def test_a_refund_after_a_rerate_gives_back_the_rerated_price(october) -> None:  # type: ignore[no-untyped-def]
+    run(projects=["chem"], discount=D("0.5"))  # chem's 10.00 charge now costs 5.00
+    before = balance("chem").available
+    refund(october["chem"], reason="job lost")
+    assert balance("chem").available == before + D("5")  # not 10: that would create money
+    with session_scope() as s:
+        assert ledger.verify(s) == []
+
+
+def test_changing_the_discount_back_and_forth_ends_at_the_last_one(october) -> None:  # type: ignore[no-untyped-def]
+    for discount in ("0.2", "0", "0.2"):
+        run(projects=["chem"], discount=D(discount))
+    assert balance("chem").charged == D("8")
+    assert [a.details["delta"] for a in adjustments()] == ["-2.00", "2.00", "-2.00"]
+    with pytest.raises(InvalidInput, match="must be a fraction"):
+        run(discount=D("NaN"))

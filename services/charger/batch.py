@@ -113,8 +113,10 @@ def _refund_by_state(session: Session, requests: list[ledger.ChargeRequest], res
         txn = session.get_one(LedgerTransaction, result.transactions[request.key])
         amount = (txn.amount * fraction).quantize(QUANTITY, rounding=ROUND_HALF_UP)
         if amount > 0:
+            # effective with its charge: both land in the same statement, on the same allocation
             ledger.refund(session, txn, amount, key=f"{request.key}/refund-{state.lower()}",
-                          reason=f"automatic refund of {float(fraction) * 100:g}% for jobs ending {state}", actor="charger")
+                          reason=f"automatic refund of {float(fraction) * 100:g}% for jobs ending {state}",
+                          actor="charger", effective_at=txn.effective_at)
 
 
 def _plan(session: Session, directory: Directory, event: JobStarted | JobCompleted, free_states: set[str]) -> Plan:

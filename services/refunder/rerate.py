@@ -37,7 +37,7 @@ class ProjectRerate:
 def rerate(session: Session, service: Service, start: dt.datetime, end: dt.datetime, *,
            projects: list[str] | None = None, discount: Decimal = ZERO, dry_run: bool = False,
            actor: str = "") -> list[ProjectRerate]:
-    if not ZERO <= discount < 1:
+    if not discount.is_finite() or not ZERO <= discount < 1:
         raise InvalidInput(f"discount {discount} must be a fraction from 0 up to (not including) 1, such as 0.2")
     if end <= start:
         raise InvalidInput("the period to re-rate ends before it starts")
@@ -56,8 +56,8 @@ def rerate(session: Session, service: Service, start: dt.datetime, end: dt.datet
         query = query.where(Project.name.in_(projects))
     charges = session.execute(query).all()
     ids = [c.id for c, _ in charges]
-    adjusted = _referring_sums(session, ids, "adjustment")
-    refunded = _referring_sums(session, ids, "refund")
+    adjusted, adjustment_count = _referring_sums(session, ids, "adjustment")
+    refunded, _ = _referring_sums(session, ids, "refund")
     results: dict[str, ProjectRerate] = {}
     factor = 1 - discount
     for charge, project in charges:
@@ -78,7 +78,9 @@ def rerate(session: Session, service: Service, start: dt.datetime, end: dt.datet
         txn = ledger.adjust(
             session, session.get_one(Account, charge.account_id), delta, bucket="charged",
             allocation=_drawn_from(session, charge), refers_to=charge,
-            key=f"rerate:{charge.id}:{money_str(target)}", actor=actor,
+            # The n-th adjustment of this charge: two runs that see the same state write one;
+            # a later run (another discount, then this one again) writes the next.
+            key=f"rerate:{charge.id}:{adjustment_count.get(charge.id, 0) + 1}:{money_str(target)}", actor=actor,
             description=f"re-rated at {ledger.rate_at(session, service, charge.effective_at)}"
                         + (f" less {float(discount) * 100:g}%" if discount else ""),
         )
@@ -86,18 +88,20 @@ def rerate(session: Session, service: Service, start: dt.datetime, end: dt.datet
     return sorted(results.values(), key=lambda r: r.project)
 
 
-def _referring_sums(session: Session, ids: list[int], kind: str) -> dict[int, Decimal]:
-    """Per charge, the signed sum its adjustments (or refunds) put on its ``charged`` bucket."""
+def _referring_sums(session: Session, ids: list[int], kind: str) -> tuple[dict[int, Decimal], dict[int, int]]:
+    """Per charge, the signed sum its adjustments (or refunds) put on their bucket, and how many
+    there are."""
     sums: dict[int, Decimal] = defaultdict(lambda: ZERO)
+    counts: dict[int, int] = {}
     bucket = "charged" if kind == "adjustment" else "refunded"
-    for charge_id, amount in session.execute(
-        select(LedgerTransaction.refers_to_id, func.sum(LedgerEntry.amount))
+    for charge_id, amount, count in session.execute(
+        select(LedgerTransaction.refers_to_id, func.sum(LedgerEntry.amount), func.count(func.distinct(LedgerTransaction.id)))
         .join(LedgerEntry, LedgerEntry.transaction_id == LedgerTransaction.id)
         .where(LedgerTransaction.kind == kind, LedgerTransaction.refers_to_id.in_(ids), LedgerEntry.bucket == bucket)
         .group_by(LedgerTransaction.refers_to_id)
     ):
-        sums[charge_id] = amount
-    return sums
+        sums[charge_id], counts[charge_id] = amount, count
+    return sums, counts
 
 
 def _drawn_from(session: Session, charge: LedgerTransaction) -> Allocation | None:
