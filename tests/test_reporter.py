@@ -82,3 +82,15 @@ def test_schedules_are_cron_lines() -> None:
         Settings(rollup_schedule="hourly")
     with pytest.raises(ValueError, match="Invalid end range"):
         Settings(rollup_schedule="99 * * * *")
+
+
+@pytest.mark.usefixtures("quickstart")
+def test_a_failed_report_request_can_be_replayed() -> None:
+    bad = request("r:9", "rollup", **{"from": "not-a-date"})
+    assert apply(bad).parked == 1
+    with session_scope() as s:
+        from shared.models import ProcessedEvent
+
+        assert s.get(ProcessedEvent, "r:9") is None  # not claimed: a replay runs it again
+    again = apply(bad)
+    assert again.duplicates == 0 and again.recorded == 0  # it ran, and failed the same way

@@ -105,3 +105,13 @@ def test_a_month_is_its_first_instant_to_the_next_months() -> None:
     with pytest.raises(ValueError, match="bad period"):
         month("October")
     assert render.SUMMARY[0][0] == "opening"
+
+
+@pytest.mark.usefixtures("quickstart")
+def test_an_allocation_that_ended_long_ago_does_not_appear() -> None:
+    deposit("chem", "100", start="2020-01-01", end="2021-01-01")
+    deposit("chem", "50", start="2026-01-01")
+    with session_scope() as s:
+        (st,) = statements(s, *month("2026-10"), ["chem"])
+    assert (st.allocations_started, st.allocations_ended, st.opening, st.closing) == (0, 0, D("50"), D("50"))
+    assert st.balanced

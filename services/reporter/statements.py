@@ -107,10 +107,14 @@ def statements(session: Session, start: dt.datetime, end: dt.datetime, projects:
             s.opening += before
         if at_end:
             s.closing += after
-        if not at_start:
+        if at_end and not at_start:
             s.allocations_started += before  # deposited before the period, available within it
-        if not at_end:
-            s.allocations_ended -= after  # what it held when it ended (or before it begins)
+        elif at_start and not at_end:
+            s.allocations_ended -= after  # what it held when it ended
+        elif not at_start and not at_end:
+            # In force at neither end: what reached it during the period (a refund to an
+            # allocation that has ended, an allocation that began and ended within) lapsed.
+            s.allocations_ended -= after - before
 
     # The period's activity by kind of transaction.
     by_kind = session.execute(

@@ -68,13 +68,14 @@ def report_events(session: Session, items: list[Any], *, source: str = "") -> Ou
             parked.append(Parked(raw, f"report {request.report!r} is not available yet: one of "
                                       f"{', '.join(sorted(AVAILABLE))}", request.event_id, request.kind, source))
             continue
-        claimed = session.scalar(insert(ProcessedEvent).values(event_id=request.event_id, kind=request.kind)
-                                 .on_conflict_do_nothing(index_elements=["event_id"]).returning(ProcessedEvent.event_id))
-        if claimed is None:
-            outcome.duplicates += 1
-            continue
         try:
-            with session.begin_nested():
+            with session.begin_nested():  # a request that fails leaves no claim: it can be replayed
+                claimed = session.scalar(
+                    insert(ProcessedEvent).values(event_id=request.event_id, kind=request.kind)
+                    .on_conflict_do_nothing(index_elements=["event_id"]).returning(ProcessedEvent.event_id))
+                if claimed is None:
+                    outcome.duplicates += 1
+                    continue
                 if request.report == "alerts":
                     settings = get_settings()
                     alerts.send(session, settings, alerts.due(session, settings))
