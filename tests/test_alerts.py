@@ -159,3 +159,24 @@ def test_alert_settings_are_checked() -> None:
         Settings(smtp_url="mail.example.org")
     assert Settings(alert_expiry_days=[7, 30, 7]).alert_expiry_days == [30, 7]
 
+
+
+@pytest.mark.usefixtures("phys")
+def test_an_alert_one_channel_took_is_not_sent_again_when_another_failed(smtp) -> None:  # type: ignore[no-untyped-def]
+    use("60")
+    settings = Settings(smtp_url=smtp[0], alert_webhook_url="http://127.0.0.1:9/nobody-listens")
+    assert len(run(settings)) == 1
+    assert run(settings) == [] and len(smtp[1].messages) == 1  # mailed once; the webhook is not retried
+    with session_scope() as s:
+        (channels,) = s.scalars(select(AlertSent.channels).where(AlertSent.key.like("low:%:0.5:%")))
+    assert channels == "log,email"
+
+
+@pytest.mark.usefixtures("phys")
+def test_an_address_that_could_bend_a_header_gets_no_mail(smtp) -> None:  # type: ignore[no-untyped-def]
+    with session_scope() as s:
+        get_project("phys").pi.email = "bob@example.org\nBcc: everyone@example.org"
+        s.flush()
+    use("60")
+    assert len(run(Settings(smtp_url=smtp[0]))) == 1  # recorded and logged; nobody mailed
+    assert smtp[1].messages == []

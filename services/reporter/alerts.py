@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import smtplib
 import urllib.request
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from shared.money import money_str
 
 log = logging.getLogger("openacct.alerts")
 TIMEOUT = 10
+EMAIL = re.compile(r"[^@\s,<>]+@[^@\s,<>]+")  # one plain address: nothing that could bend a header
 
 
 @dataclass
@@ -99,42 +101,63 @@ def send(session: Session, settings: Settings, alerts: list[Alert]) -> list[Aler
                 ).all()
                 if alert.keys[0] not in claimed:
                     continue  # given before; the thresholds it passed over are claimed now too
-                channels = deliver(settings, alert)
+                channels, failures = deliver(settings, alert)
+                if failures and channels == ["log"]:
+                    raise Undelivered("; ".join(failures))  # rolls the claim back: tried again next run
                 session.execute(AlertSent.__table__.update().where(AlertSent.key == alert.keys[0])
                                 .values(channels=",".join(channels)))
-        except (OSError, smtplib.SMTPException) as exc:  # its claim is rolled back: tried again next run
-            log.error("alert for %s not delivered (%s: %s); trying again on the next run",
-                      alert.project, type(exc).__name__, exc)
+        except Undelivered as exc:
+            log.error("alert for %s not delivered (%s); trying again on the next run", alert.project, exc)
             continue
         delivered.append(alert)
     return delivered
 
 
-def deliver(settings: Settings, alert: Alert) -> list[str]:
-    """Send by email (to the PI) and webhook, as configured; raises if a channel fails."""
-    channels = ["log"]
+class Undelivered(Exception):
+    """Every channel configured for an alert failed."""
+
+
+def deliver(settings: Settings, alert: Alert) -> tuple[list[str], list[str]]:
+    """Send by email (to the PI) and webhook, as configured: the channels that took it, and
+    what went wrong with the others. One that failed is not tried again once another took the
+    alert: a PI would rather miss the webhook than get the same email every quarter hour."""
+    channels, failures = ["log"], []
     log.warning("alert for %s: %s", alert.project, alert.message)
-    if settings.smtp_url and alert.recipients:
-        message = EmailMessage()
-        message["From"] = settings.alert_from
-        message["To"] = ", ".join(alert.recipients)
-        message["Subject"] = f"[OpenAcct] {alert.project}: " + (
-            "allocation running low" if alert.kind == "low_balance" else "allocation ending")
-        message.set_content(alert.message + "\n")
-        url = urlsplit(settings.smtp_url)
-        smtp_class = smtplib.SMTP_SSL if url.scheme == "smtps" else smtplib.SMTP
-        with smtp_class(url.hostname or "localhost", url.port or (465 if url.scheme == "smtps" else 25),
-                        timeout=TIMEOUT) as smtp:
-            if url.username:
-                smtp.login(url.username, url.password or "")
-            smtp.send_message(message)
-        channels.append("email")
+    recipients = [r for r in alert.recipients if EMAIL.fullmatch(r)]
+    if settings.smtp_url and recipients:
+        try:
+            _email(settings, alert, recipients)
+            channels.append("email")
+        except Exception as exc:  # any failure of this channel, not just the network's
+            failures.append(f"email: {type(exc).__name__}: {exc}")
     if settings.alert_webhook_url:
-        body = json.dumps({"project": alert.project, "kind": alert.kind, "key": alert.keys[0],
-                           "message": alert.message}).encode()
-        request = urllib.request.Request(settings.alert_webhook_url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310 - configured by the site
-            response.read()
-        channels.append("webhook")
-    return channels
+        try:
+            _webhook(settings.alert_webhook_url, alert)
+            channels.append("webhook")
+        except Exception as exc:
+            failures.append(f"webhook: {type(exc).__name__}: {exc}")
+    return channels, failures
+
+
+def _email(settings: Settings, alert: Alert, recipients: list[str]) -> None:
+    message = EmailMessage()
+    message["From"] = settings.alert_from
+    message["To"] = ", ".join(recipients)
+    message["Subject"] = f"[OpenAcct] {alert.project}: " + (
+        "allocation running low" if alert.kind == "low_balance" else "allocation ending")
+    message.set_content(alert.message + "\n")
+    url = urlsplit(settings.smtp_url or "")
+    smtp_class = smtplib.SMTP_SSL if url.scheme == "smtps" else smtplib.SMTP
+    with smtp_class(url.hostname or "localhost", url.port or (465 if url.scheme == "smtps" else 25),
+                    timeout=TIMEOUT) as smtp:
+        if url.username:
+            smtp.login(url.username, url.password or "")
+        smtp.send_message(message)
+
+
+def _webhook(url: str, alert: Alert) -> None:
+    body = json.dumps({"project": alert.project, "kind": alert.kind, "key": alert.keys[0],
+                       "message": alert.message}).encode()
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310 - configured by the site
+        response.read()
