@@ -67,4 +67,6 @@ def _expand_name(name: str, whole: str) -> list[str]:
         width = len(low)
         numbers += [str(n).zfill(width) for n in range(int(low), int(high) + 1)]
     tails = _expand_name(rest, whole) if rest else [""]
+    if len(numbers) * len(tails) > MAX_HOSTS:  # counted before the product is built
+        raise InvalidInput(f"host list {whole!r} names more than {MAX_HOSTS} hosts")
     return [f"{prefix}{n}{tail}" for n in numbers for tail in tails]

@@ -230,3 +230,8 @@ def test_refund_and_incident_commands_through_a_real_refunder(center: Engine, re
 
 def _key(job_of: dict[int, str], job: str) -> int:
     return next(k for k, v in job_of.items() if v == job)
+
+
+def test_a_host_list_too_big_to_build_is_refused_before_it_is_built() -> None:
+    with pytest.raises(InvalidInput, match="more than"):
+        hostlist.expand("a[0-999999]b[0-999999]")

@@ -23,7 +23,7 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.errors import InvalidInput, NotFound
 from shared.events import EventRejected, RefundRequested, parse_event
-from shared.models import Job, LedgerTransaction, ParkedEvent, ProcessedEvent, System
+from shared.models import Job, LedgerTransaction, ParkedEvent, ProcessedEvent
 from shared.money import parse_money
 from shared.timestamps import parse_time
 
@@ -140,16 +140,23 @@ def _send(requests: list[RefundRequested]) -> dt.datetime:
 def _jobs_on(system: str, broken: set[str], start: dt.datetime, end: dt.datetime) -> list[tuple[Job, Decimal]]:
     """Charged jobs of ``system`` that overlapped [start, end) on a broken node, with what is
     left to refund of each (jobs refunded in full already are left out)."""
+    from services.charger.directory import system_named
+
     with session_scope() as s:
-        system_id = s.scalar(select(System.id).where(System.name == system))
-        if system_id is None:
-            raise NotFound(f"no system named {system!r}")
+        named = system_named(s, system)
+        if named is None:
+            raise NotFound(f"no system or alias named {system!r}")
         candidates = s.scalars(select(Job).where(
-            Job.system_id == system_id, Job.start_time < end, Job.end_time > start, Job.node_list.is_not(None),
+            Job.system_id == named.id, Job.start_time < end, Job.end_time > start, Job.node_list.is_not(None),
         ).order_by(Job.start_time, Job.id))
         found = []
         for job in candidates:
-            if broken.isdisjoint(hostlist.expand(job.node_list or "")):
+            try:
+                nodes = hostlist.expand(job.node_list or "")
+            except InvalidInput as exc:  # one job's odd record must not stop the incident
+                typer.echo(f"job {job.job_id} skipped: its node list {job.node_list!r} is unreadable ({exc})", err=True)
+                continue
+            if broken.isdisjoint(nodes):
                 continue
             charges = s.scalars(select(LedgerTransaction).where(
                 LedgerTransaction.job_id == job.id, LedgerTransaction.kind == "charge"))
