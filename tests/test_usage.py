@@ -106,3 +106,21 @@ def test_usage_by_job_size_and_the_html_page(cli) -> None:  # type: ignore[no-un
                "--format", "html").out
     assert page.startswith("<!doctype html>") and page.count("<svg") == 1 and page.count("class=shares") == 2
     assert "<th>size</th>" in page and "9-64" in page
+
+
+@pytest.mark.usefixtures("quickstart")
+def test_a_job_with_two_services_counts_once_and_re_rating_shows() -> None:
+    from openacct.shortcuts import create_service, get_service, grant_service_access
+    from services.refunder.rerate import rerate
+
+    gpu = create_service("cluster-gpu-hours", system="cluster", units="gpu-hours", charge_rate="1")
+    grant_service_access(gpu, project="phys")
+    deposit("phys", "1000", start="2026-01-01")
+    with session_scope() as s:
+        charge_events(s, [raw(job_completed(9, cpus=10, gpus=2, seconds=3600, end=end_on(DAY1, 9))).decode()])
+    with session_scope() as s:
+        rerate(s, get_service("cluster-gpu-hours"), end_on(DAY1, 0), end_on(DAY2, 0), discount=D("0.5"))
+        rollup(s, DAY1, TODAY)
+        (phys,) = report(s, DAY1, TODAY, ["project"])
+    assert phys["jobs"] == 1  # one job, charged for core-hours and GPU-hours
+    assert phys["charged"] == D("0.5") + D("2") - D("1")  # 10 core-hours at 0.05, 2 GPU-hours at 1, half off the GPUs

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Date, cast, delete, func, literal_column, select, text
+from sqlalchemy import Date, Numeric, and_, cast, delete, exists, func, literal_column, or_, select, text
 from sqlalchemy.orm import Session, aliased
 
 from shared.models import Account, Job, LedgerTransaction, Project, Service, System, UsageDaily, User
@@ -31,26 +31,35 @@ def rollup(session: Session, first: dt.date, last: dt.date) -> int:
     start = dt.datetime.combine(first, dt.time(), dt.UTC)
     end = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), dt.UTC)
     session.execute(delete(UsageDaily).where(UsageDaily.day >= first, UsageDaily.day <= last))
-    t = LedgerTransaction
+    t, charge, earlier = LedgerTransaction, aliased(LedgerTransaction), aliased(LedgerTransaction)
+    # An adjustment (re-rating) carries none of its charge's attributes: they come from the charge.
+    service_id = func.coalesce(t.service_id, charge.service_id)
+    user_id = func.coalesce(t.user_id, charge.user_id)
     # Literals, not parameters: the same expression must read the same in SELECT and GROUP BY.
     day = cast(func.timezone(literal_column("'UTC'"), t.effective_at), Date)
     partition = func.coalesce(Job.partition, literal_column("''"))
     size = literal_column(SIZE_CLASS)
-    signed = func.sum(t.amount).filter(t.kind == "charge")
+    delta = cast(t.details["delta"].astext, Numeric)
+    # A job charged for several services (CPUs and GPUs) counts once: with its first charge.
+    first_charge = and_(t.kind == "charge", t.job_id.is_not(None), ~exists().where(
+        earlier.job_id == t.job_id, earlier.kind == "charge", earlier.id < t.id))
     source = (
         select(
-            day.label("day"), Service.system_id, t.service_id, Account.project_id, t.account_id, t.user_id,
+            day.label("day"), Service.system_id, service_id, Account.project_id, t.account_id, user_id,
             partition.label("partition"), size.label("job_size"),
-            func.count(func.distinct(t.job_id)).filter(t.kind == "charge").label("jobs"),
+            func.count(t.job_id).filter(first_charge).label("jobs"),
             func.coalesce(func.sum(t.quantity).filter(t.kind == "charge"), 0).label("quantity"),
-            func.coalesce(signed, 0).label("charged"),
+            (func.coalesce(func.sum(t.amount).filter(t.kind == "charge"), 0)
+             + func.coalesce(func.sum(delta).filter(t.kind == "adjustment"), 0)).label("charged"),
             func.coalesce(func.sum(t.amount).filter(t.kind == "refund"), 0).label("refunded"),
         )
-        .join(Service, Service.id == t.service_id)
+        .outerjoin(charge, and_(charge.id == t.refers_to_id, charge.kind == "charge"))
+        .join(Service, Service.id == service_id)
         .join(Account, Account.id == t.account_id)
-        .outerjoin(Job, Job.id == t.job_id)
-        .where(t.kind.in_(("charge", "refund")), t.effective_at >= start, t.effective_at < end)
-        .group_by(day, Service.system_id, t.service_id, Account.project_id, t.account_id, t.user_id, partition, size)
+        .outerjoin(Job, Job.id == func.coalesce(t.job_id, charge.job_id))
+        .where(or_(t.kind.in_(("charge", "refund")), and_(t.kind == "adjustment", charge.id.is_not(None))),
+               t.effective_at >= start, t.effective_at < end)
+        .group_by(day, Service.system_id, service_id, Account.project_id, t.account_id, user_id, partition, size)
     )
     columns = ["day", "system_id", "service_id", "project_id", "account_id", "user_id", "partition", "job_size",
                "jobs", "quantity", "charged", "refunded"]
