@@ -168,3 +168,45 @@ def verify(as_json: JsonFlag = False) -> None:
         done(f"ledger verified: {accounts} accounts in {projects} projects agree with the journal")
     if problems:
         raise typer.Exit(1)
+
+
+def quote(
+    account: Annotated[str, typer.Option(help="The account (or project) the job would run under.")],
+    time: Annotated[str, typer.Option(help="Its time limit, as Slurm writes it: MM, HH:MM:SS, D-HH:MM.")],
+    cpus: Annotated[int, typer.Option(min=0, max=10_000_000, help="CPUs.")] = 1,
+    gpus: Annotated[int, typer.Option(min=0, max=10_000_000, help="GPUs.")] = 0,
+    nodes: Annotated[int, typer.Option(min=0, max=10_000_000, help="Nodes (charged where the system has a node service).")] = 0,
+    partition: Annotated[str | None, typer.Option(help="Partition (its multiplier applies).")] = None,
+    qos: Annotated[str | None, typer.Option(help="QoS (its multiplier applies).")] = None,
+    system: Annotated[str | None, typer.Option(help="System (default: the configured default_system).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The most a job would cost, and whether its account can pay that now; exit 1 if not."""
+    from openacct.hooks.slurm_values import time_limit_minutes
+    from services.charger.directory import Unresolved
+    from services.charger.quote import quote as price
+
+    minutes = time_limit_minutes(time)
+    if minutes is None or minutes <= 0:
+        raise InvalidInput(f"bad --time {time!r}: want a time limit such as 90, 02:00:00 or 1-12:00:00")
+    name = system or get_settings().default_system
+    if name is None:
+        raise InvalidInput("name the --system (no default_system is configured)")
+    with session_scope() as s:
+        try:
+            found = price(s, name, account, minutes=minutes, cpus=cpus, gpus=gpus, nodes=nodes,
+                          partition=partition, qos=qos)
+        except Unresolved as exc:
+            raise InvalidInput(str(exc)) from None
+    if as_json:
+        emit_json({"account": found.account, "minutes": minutes, "total": found.total, "available": found.available,
+                   "credit_limit": found.credit_limit, "affordable": found.affordable,
+                   "lines": [vars(line) for line in found.lines]})
+    else:
+        emit_rows([vars(line) for line in found.lines],
+                  ["resource", "service", "count", "hours", "quantity", "rate", "multiplier", "cost"], as_json=False,
+                  title=f"at most {money_str(found.total)} for {minutes} minutes on {found.account}")
+        done(f"available {money_str(found.available)} (credit limit {money_str(found.credit_limit)}): "
+             + ("can pay" if found.affordable else "CANNOT pay"))
+    if not found.affordable:
+        raise typer.Exit(1)

@@ -1,0 +1,71 @@
+"""What a job would cost at most, priced as the charger would price it, and whether its account
+can pay that now: the question admission control asks before a job starts."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from types import SimpleNamespace
+
+from sqlalchemy.orm import Session
+
+from services.charger.directory import Directory
+from shared import ledger
+from shared.models import Account, Service
+from shared.money import round_money
+
+QUANTITY = Decimal("0.000001")
+
+
+@dataclass
+class QuoteLine:
+    resource: str
+    service: str
+    count: int
+    hours: Decimal
+    quantity: Decimal
+    rate: Decimal
+    multiplier: Decimal
+    cost: Decimal
+
+
+@dataclass
+class Quote:
+    account: str
+    total: Decimal
+    available: Decimal
+    credit_limit: Decimal
+    lines: list[QuoteLine] = field(default_factory=list)
+
+    @property
+    def affordable(self) -> bool:
+        """Whether the account can pay the most the job may cost, within its credit limit."""
+        return self.total <= self.available + self.credit_limit
+
+
+def quote(session: Session, system: str, account: str, *, minutes: int, cpus: int = 0, gpus: int = 0,
+          nodes: int = 0, partition: str | None = None, qos: str | None = None,
+          at: dt.datetime | None = None) -> Quote:
+    """Price ``cpus``/``gpus``/``nodes`` for ``minutes`` on ``account``; raises ``Unresolved``
+    with the charger's own reasons (unknown account, no access to a service, …)."""
+    at = at or ledger.now()
+    directory = Directory.load(session, [SimpleNamespace(system=system, user="", account=account)])
+    found = directory.system(system)
+    target = directory.account(found, account)
+    directory.check_open(target, at)
+    hours = Decimal(minutes) / 60
+    multiplier = (found.multipliers.get(("partition", partition or ""), Decimal(1))
+                  * found.multipliers.get(("qos", qos or ""), Decimal(1)))
+    lines = []
+    for resource, count in (("cpu", cpus), ("gpu", gpus), ("node", nodes)):
+        if count <= 0 or (resource == "node" and "node" not in found.services):
+            continue
+        service_id, service_name = directory.service(found, resource, target)
+        rate = ledger.rate_at(session, session.get_one(Service, service_id), at)
+        quantity = (count * hours).quantize(QUANTITY, rounding=ROUND_HALF_UP)
+        lines.append(QuoteLine(resource, service_name, count, hours, quantity, rate, multiplier,
+                               round_money(quantity * rate * multiplier)))
+    balance = ledger.account_balance(session, session.get_one(Account, target.id), at)
+    return Quote(target.name, sum((line.cost for line in lines), Decimal(0)), balance.available,
+                 balance.credit_limit, lines)
