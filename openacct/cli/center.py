@@ -14,7 +14,7 @@ from openacct import shortcuts as sc
 from openacct.cli.output import JsonFlag, done, emit_record, emit_rows
 from shared import ledger
 from shared.db import session_scope
-from shared.errors import NotFound
+from shared.errors import InvalidInput, NotFound
 from shared.models import (
     Account,
     MembershipEvent,
@@ -271,3 +271,34 @@ def account_list(
                          "default": account.is_default, "active": account.active,
                          "expires_at": account.expires_at, "available": balance.available})
     emit_rows(rows, ["name", "project", "default", "active", "expires_at", "available"], as_json=as_json)
+
+
+slurm_app = typer.Typer(help="Keep Slurm in step with OpenAcct.", no_args_is_help=True)
+
+
+@slurm_app.command("sync")
+def slurm_sync(
+    cluster: Annotated[str | None, typer.Option(help="Slurm cluster name (default: the configured default_system).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the sacctmgr commands; run none.")] = False,
+) -> None:
+    """Add the Slurm accounts and user associations OpenAcct's projects and members need, and
+    remove associations of members who left (accounts OpenAcct does not know are left alone)."""
+    import shlex
+    import subprocess
+
+    from openacct import slurm_sync as sync
+    from shared.config import get_settings
+
+    name = cluster or get_settings().default_system
+    if name is None:
+        raise InvalidInput("name the --cluster (no default_system is configured)")
+    have_accounts, have_users = sync.slurm_associations(name)
+    with session_scope() as s:
+        commands = sync.plan(sync.wanted(s), have_accounts, have_users, name)
+    for command in commands:
+        typer.echo(shlex.join(command))
+        if not dry_run:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=sync.SACCTMGR_TIMEOUT)
+            if result.returncode != 0:
+                raise InvalidInput(f"{shlex.join(command)} failed: {result.stderr.strip() or result.stdout.strip()}")
+    done(f"{len(commands)} sacctmgr commands {'to run' if dry_run else 'run'}; Slurm {'would match' if dry_run else 'matches'} OpenAcct")
