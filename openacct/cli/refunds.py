@@ -207,9 +207,9 @@ def rerate(
     dry_run: Annotated[bool, typer.Option(help="Show the differences; write nothing.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Price charges again at the rate in effect when they happened (after a rate correction),
-    or with a discount; the differences become adjustments referring to each charge. Running it
-    again changes nothing."""
+    """Price charges again at the rate in effect then, or with a discount.
+
+    The differences become adjustments referring to each charge; running it again changes nothing."""
     from openacct import shortcuts as sc
     from services.refunder.rerate import rerate as rerate_charges
 

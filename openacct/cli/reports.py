@@ -83,8 +83,9 @@ BEAT_LOCK = 0x0A_CC7_BEA7  # pg_advisory_lock key: one beat per database
 def beat(
     loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Run the scheduler that sends the reporter its alert and statement runs. Exactly one may
-    run per site: a second one waits (holding nothing) until the first stops."""
+    """Run the scheduler of the reporter's alerts, usage rollup and statements.
+
+    Exactly one runs per site: a second one waits (holding nothing) until the first stops."""
     import psycopg
 
     from shared.db import database_url
