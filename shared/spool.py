@@ -250,20 +250,22 @@ def read_records(data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int, 
     return records, torn
 
 
-def _log_files(spool_dir: PathLike) -> list[str]:
-    return [*segments(spool_dir), os.path.join(spool_dir, LOG, CURRENT)]
-
-
-def pending_events(spool_dir: PathLike) -> list[bytes]:
-    """Every event waiting in the spool, oldest first: for tests and inspection."""
-    events: list[tuple[int, bytes]] = []
-    for path in _log_files(spool_dir):
+def _waiting_in_log(spool_dir: PathLike) -> list[tuple[int, bytes]]:
+    """(ns spooled, event bytes) of every record of the log the relay has not yet let go of."""
+    waiting: list[tuple[int, bytes]] = []
+    for path in [*segments(spool_dir), os.path.join(spool_dir, LOG, CURRENT)]:
         try:
             with open(path, "rb") as f:
                 records, _ = read_records(f.read())
         except FileNotFoundError:
             continue
-        events += records[shipped_count(path):]
+        waiting += records[shipped_count(path):]
+    return waiting
+
+
+def pending_events(spool_dir: PathLike) -> list[bytes]:
+    """Every event waiting in the spool, oldest first: for tests and inspection."""
+    events = _waiting_in_log(spool_dir)
     for path in pending(spool_dir, 10**9):
         with open(path, "rb") as f:
             events.append((int(os.path.basename(path).split("-", 1)[0]), f.read()))
@@ -281,26 +283,12 @@ def shipped_count(segment: str) -> int:
 
 def backlog(spool_dir: PathLike) -> tuple[int, float]:
     """How many events wait, and the age in seconds of the oldest."""
-    count, oldest_ns = 0, None
-    for path in _log_files(spool_dir):
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            continue
-        records, _ = read_records(data)
-        waiting = records[shipped_count(path):]
-        count += len(waiting)
-        if waiting:
-            oldest_ns = min(oldest_ns or waiting[0][0], waiting[0][0])
+    spooled_at = [ns for ns, _ in _waiting_in_log(spool_dir)]
     try:
-        names = [e.name for e in os.scandir(os.path.join(spool_dir, NEW)) if e.name.endswith(".json")]
+        spooled_at += [int(e.name.split("-", 1)[0]) for e in os.scandir(os.path.join(spool_dir, NEW))
+                       if e.name.endswith(".json")]
     except FileNotFoundError:
-        names = []
-    if names:
-        count += len(names)
-        first = int(min(names).split("-", 1)[0])
-        oldest_ns = min(oldest_ns or first, first)
-    if not count or oldest_ns is None:
-        return count, 0.0
-    return count, max(0.0, (time.time_ns() - oldest_ns) / 1e9)
+        pass
+    if not spooled_at:
+        return 0, 0.0
+    return len(spooled_at), max(0.0, (time.time_ns() - min(spooled_at)) / 1e9)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -20,6 +19,7 @@ from services.reporter import alerts
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import AlertSent
+from tests.pipeline import free_port
 
 UTC = dt.UTC
 
@@ -36,9 +36,7 @@ class Inbox:
 @pytest.fixture
 def smtp() -> Iterator[tuple[str, Inbox]]:
     inbox = Inbox()
-    with socket.socket() as probe:  # a free port: the controller checks it is up by connecting
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # the server is told its port (aiosmtpd checks it is up by connecting)
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
     yield f"smtp://127.0.0.1:{port}", inbox

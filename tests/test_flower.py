@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.pipeline import Process, wait_for
+from tests.pipeline import Process, free_port, wait_for
 
 
 def test_flower_serves_its_dashboard_on_the_workers_broker(redis: Any, tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     flower = Process(["flower", "--port", str(port)], {**os.environ, "OPENACCT_BROKER_URL": redis.url},
                      tmp_path / "flower.log").start()
 

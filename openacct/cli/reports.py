@@ -13,6 +13,7 @@ import typer
 from openacct.cli.output import JsonFlag, emit_rows
 from services.reporter import render
 from services.reporter.statements import Statement, month, statements
+from services.reporter.usage import DIMENSIONS
 from shared.db import session_scope
 from shared.errors import InvalidInput, NotFound
 from shared.timestamps import parse_time
@@ -158,7 +159,7 @@ def report_rollup(
 def report_usage(
     from_: Annotated[str, typer.Option("--from", help="First day, YYYY-MM-DD (UTC).")],
     to: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD (UTC).")],
-    by: Annotated[str, typer.Option(help="Comma-separated: project, pi, account, user, system, service, partition, size, day, month.")] = "project",
+    by: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(DIMENSIONS)}.")] = "project",
     format_: Annotated[Format, typer.Option("--format", help="text, json, csv or html (with charts).")] = Format.text,
 ) -> None:
     """Jobs, charges and refunds per project, PI, user, partition, job size, … (sreport-like)."""
