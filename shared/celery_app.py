@@ -96,13 +96,16 @@ def configure(app: Celery, settings: Settings) -> None:
     app.conf.beat_schedule = {
         "alerts": {"task": "reporter.alerts", "schedule": float(settings.alert_interval),
                    "options": {"queue": "reporter", "routing_key": "reporter"}},
+        "expire-holds": {"task": "reporter.expire_holds", "schedule": float(settings.hold_expiry_interval),
+                         "options": {"queue": "reporter", "routing_key": "reporter"}},
         "usage-rollup": {"task": "reporter.rollup", "schedule": cron(settings.rollup_schedule),
                          "options": {"queue": "reporter", "routing_key": "reporter"}},
         "monthly-statements": {"task": "reporter.statements", "schedule": cron(settings.statements_schedule),
                                "options": {"queue": "reporter", "routing_key": "reporter"}},
     }
     app.conf.task_routes.update({name: {"queue": "reporter", "routing_key": "reporter"}
-                                 for name in ("reporter.alerts", "reporter.statements", "reporter.rollup")})
+                                 for name in ("reporter.alerts", "reporter.statements", "reporter.rollup",
+                                              "reporter.expire_holds")})
 
 
 def cron(line: str) -> crontab:

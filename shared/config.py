@@ -9,7 +9,7 @@ from __future__ import annotations
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
@@ -73,6 +73,40 @@ class Settings(BaseSettings):
     )
     max_deliveries: int = Field(
         default=5, ge=1, le=100, description="Deliveries of one batch before its events are parked."
+    )
+    admission_policy: Literal["reject", "allow", "notify"] = Field(
+        default="reject",
+        description="What admission control does with a job whose most cost its account cannot "
+        "cover within its credit limit: reject it, allow it (holding what fits), or notify only "
+        "(holding it all). Systems and accounts may set their own (openacct admission policy).",
+    )
+    admission_socket: Path | None = Field(
+        default=None,
+        description="Unix socket of `openacct admission serve`, which PrologSlurmctld asks before "
+        "a job starts. Unset: no admission control; the prolog only records the start.",
+    )
+    admission_timeout: float = Field(
+        default=3.0, ge=0.2, le=30,
+        description="Seconds the prolog waits, all told, for the job's details and the decision.",
+    )
+    admission_on_error: Literal["open", "closed"] = Field(
+        default="open",
+        description="When the decision cannot be had in time (database or service down): let "
+        "the job start (open) or keep it from starting (closed).",
+    )
+    admission_unlimited_minutes: int = Field(
+        default=7 * 24 * 60, ge=1, le=400 * 24 * 60,
+        description="The time limit a job without one is priced at.",
+    )
+    hold_grace: int = Field(
+        default=3600, ge=0,
+        description="Seconds past a job's time limit after which its hold expires if the job never reported back.",
+    )
+    hold_expiry_interval: int = Field(
+        default=300, ge=10, description="Seconds between the reporter's runs that expire stale holds.",
+    )
+    slurm_bin_dir: str = Field(
+        default="/usr/bin", description="Where scontrol and sacct are (Slurm's hooks run without a PATH)."
     )
     timezone: str = Field(
         default="UTC", description="Zone for dates and times given without an offset."

@@ -13,7 +13,11 @@ import os
 DEFAULT_CONFIG_FILE = "/etc/openacct/openacct.toml"
 # Where a daemon account without a home keeps OpenAcct's files.
 SYSTEM_DATA_DIR = "/var/lib/openacct"
-HOOK_KEYS = ("spool_dir", "default_system", "data_dir")
+HOOK_KEYS = ("spool_dir", "default_system", "data_dir", "admission_socket", "admission_timeout",
+             "admission_on_error", "slurm_bin_dir")
+# Defaults the same as shared.config's.
+ADMISSION_TIMEOUT = 3.0
+SLURM_BIN_DIR = "/usr/bin"
 
 
 def config_path() -> str | None:
@@ -49,6 +53,9 @@ def _simple_strings(text: str) -> dict[str, str] | None:
             return None
         if key not in HOOK_KEYS:
             continue
+        if value.replace(".", "", 1).isdigit():
+            found[key] = value
+            continue
         if len(value) < 2 or value[0] != '"' or value[-1] != '"' or '"' in value[1:-1] or "\\" in value:
             return None
         found[key] = value[1:-1]
@@ -70,11 +77,14 @@ def read_file_settings() -> dict[str, object]:
 
 
 class HookSettings:
-    """``spool_dir`` and ``default_system``, as the full configuration would resolve them."""
+    """What the hooks read, as the full configuration would resolve them: ``spool_dir``,
+    ``default_system``, and for the prolog's admission check ``admission_socket``,
+    ``admission_timeout``, ``admission_on_error`` and ``slurm_bin_dir``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, admission: bool = False) -> None:
         env = os.environ
-        needs_file = not (env.get("OPENACCT_SPOOL_DIR") and env.get("OPENACCT_DEFAULT_SYSTEM"))
+        # The prolog always reads the file: admission settings kept only there must not be missed.
+        needs_file = admission or not (env.get("OPENACCT_SPOOL_DIR") and env.get("OPENACCT_DEFAULT_SYSTEM"))
         file = read_file_settings() if needs_file else {}
 
         def setting(name: str) -> str | None:
@@ -84,3 +94,16 @@ class HookSettings:
         data_dir = setting("data_dir") or default_data_dir()
         self.spool_dir: str = setting("spool_dir") or os.path.join(data_dir, "spool")
         self.default_system = setting("default_system")
+        self.admission_socket = setting("admission_socket")
+        timeout = setting("admission_timeout")
+        try:
+            self.admission_timeout = float(timeout) if timeout else ADMISSION_TIMEOUT
+        except ValueError:
+            raise ValueError(f"admission_timeout is {timeout!r}, not a number of seconds") from None
+        if not 0.2 <= self.admission_timeout <= 30:
+            raise ValueError(f"admission_timeout is {timeout}: from 0.2 to 30 seconds")
+        on_error = setting("admission_on_error") or "open"
+        if on_error not in ("open", "closed"):
+            raise ValueError(f"admission_on_error is {on_error!r}: open or closed")
+        self.admission_fails_open = on_error == "open"
+        self.slurm_bin_dir = setting("slurm_bin_dir") or SLURM_BIN_DIR

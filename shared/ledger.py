@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
@@ -41,6 +41,7 @@ from shared.models import (
     Job,
     LedgerEntry,
     LedgerTransaction,
+    OpenHold,
     Project,
     Service,
     ServiceRate,
@@ -617,6 +618,11 @@ def transfer(
     )
 
 
+# How far below zero a hold may take an account: not at all, down to its credit limit, or
+# without a floor (a notify-only admission policy: the job runs and its cost is still held).
+HOLD_LIMITS = ("available", "credit", "none")
+
+
 def hold(
     session: Session,
     account: Account,
@@ -624,35 +630,55 @@ def hold(
     *,
     job: Job | None = None,
     service: Service | None = None,
-    within_credit_limit: bool = True,
+    limit: str = "credit",
+    fit: bool = False,
+    expires_at: dt.datetime | None = None,
     key: str | None = None,
     description: str = "",
+    details: dict[str, Any] | None = None,
     actor: str = "",
-) -> LedgerTransaction:
-    """Set money aside for work about to run. Refused when it would take the account below its
-    credit limit, unless ``within_credit_limit`` is False (a notify-only policy)."""
+) -> LedgerTransaction | None:
+    """Set money aside for work about to run. When it would take the account below what
+    ``limit`` allows it is refused (``InsufficientFunds``), or, with ``fit``, cut to what does
+    fit (None when nothing does). A hold still open at ``expires_at`` is released by
+    ``expire_holds``, or by the account's next hold, whichever comes first."""
     amount = parse_money(amount, "hold amount")
+    if limit not in HOLD_LIMITS:
+        raise InvalidInput(f"hold limit {limit!r} is not one of {', '.join(HOLD_LIMITS)}")
+    if expires_at is not None and expires_at.tzinfo is None:
+        raise InvalidInput(f"hold expiry {expires_at.isoformat()} has no time zone")
     key = _check_key(key)
     request = {"account": account.id, "amount": amount, "job": job.id if job else None,
                "service": service.id if service else None}
     digest = _request_hash("hold", request)
-    _check_open(account, now())
+    at = now()
+    _check_open(account, at)
     if (done := _lock_then_replay(session, key, digest, account)) is not None:
         return done
-    if within_credit_limit:
-        balance = account_balance(session, account)
-        if amount > balance.available + balance.credit_limit:
+    expire_holds(session, at, account_ids=[account.id])
+    if limit != "none":
+        balance = account_balance(session, account, at)
+        room = balance.available + (balance.credit_limit if limit == "credit" else ZERO)
+        if fit and amount > room:
+            amount = max(room, ZERO)
+            if amount == 0:
+                return None
+        if amount > room:
+            credit = f" and a credit limit of {money_str(balance.credit_limit)}" if limit == "credit" else ""
             raise InsufficientFunds(
                 f"hold of {money_str(amount)} refused: account {account.name!r} has "
-                f"{money_str(balance.available)} available and a credit limit of "
-                f"{money_str(balance.credit_limit)}"
+                f"{money_str(balance.available)} available{credit}"
             )
-    return _write(
+    txn = _write(
         session, kind="hold", key=key, request_hash=digest, amount=amount, account=account,
-        effective_at=now(), job_id=job.id if job else None,
+        effective_at=at, job_id=job.id if job else None,
         service_id=service.id if service else None, description=description, actor=actor,
+        details={**(details or {}), **({"expires_at": expires_at.isoformat()} if expires_at else {})},
         entries=[_Entry(account.id, None, "held", amount)],
     )
+    session.execute(insert(OpenHold).values(hold_id=txn.id, account_id=account.id, job_id=txn.job_id,
+                                            remaining=amount, expires_at=expires_at))
+    return txn
 
 
 def release(
@@ -680,12 +706,53 @@ def release(
             f"release of {money_str(amount)} refused: hold #{hold_txn.id} has "
             f"{money_str(remaining)} still held"
         )
-    return _write(
+    txn = _write(
         session, kind="release", key=key, request_hash=digest, amount=amount, account=account,
         effective_at=now(), refers_to_id=hold_txn.id, job_id=hold_txn.job_id,
         description=description, actor=actor,
         entries=[_Entry(account.id, None, "held", -amount)],
     )
+    if amount == remaining:
+        session.execute(delete(OpenHold).where(OpenHold.hold_id == hold_txn.id))
+    else:
+        session.execute(update(OpenHold).where(OpenHold.hold_id == hold_txn.id)
+                        .values(remaining=remaining - amount))
+    return txn
+
+
+def _release_open(session: Session, condition: Any, *, key_prefix: str, description: str, actor: str) -> list[LedgerTransaction]:
+    """Release in full every open hold that ``condition`` (on ``OpenHold``) selects."""
+    found = session.execute(select(OpenHold.hold_id, OpenHold.account_id).where(condition)
+                            .order_by(OpenHold.hold_id)).all()
+    if not found:
+        return []
+    _lock_accounts(session, *{account_id for _, account_id in found})  # all at once, in id order
+    hold_ids = session.scalars(select(OpenHold.hold_id).where(condition).order_by(OpenHold.hold_id)).all()
+    return [
+        release(session, session.get_one(LedgerTransaction, hold_id), key=f"{key_prefix}:{hold_id}",
+                description=description, actor=actor)
+        for hold_id in hold_ids
+    ]
+
+
+def settle_holds(session: Session, job_ids: Iterable[int], *, actor: str = "") -> list[LedgerTransaction]:
+    """Release what is still held for these jobs: their charges for actual use are written in
+    the same transaction, so the money moves from held to charged at once."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return []
+    return _release_open(session, bulk.any_of(OpenHold.job_id, ids), key_prefix="settle",
+                         description="job ended: its charge replaces the hold", actor=actor)
+
+
+def expire_holds(session: Session, at: dt.datetime | None = None, *, account_ids: Sequence[int] | None = None) -> list[LedgerTransaction]:
+    """Release the holds past their expiry: jobs that never reported back."""
+    at = at or now()
+    condition = and_(OpenHold.expires_at.is_not(None), OpenHold.expires_at <= at)
+    if account_ids is not None:
+        condition = and_(condition, OpenHold.account_id.in_(list(account_ids)))
+    return _release_open(session, condition, key_prefix="expire", actor="ledger",
+                         description="hold expired: its job never reported back")
 
 
 def adjust(
@@ -893,10 +960,23 @@ def verify(session: Session) -> list[Mismatch]:
             Mismatch(f"{parent_kind} #{tid}", f"{kind}s total {money_str(total)}, more than its {money_str(amt)}")
             for tid, amt, total in over
         ]
+    # The open holds beside the journal: every hold with money left, for what is left.
+    released = select(t.refers_to_id, func.sum(t.amount).label("total")).where(t.kind == "release").group_by(t.refers_to_id).subquery()
+    left = (t.amount - func.coalesce(released.c.total, 0))
+    journal_open = (select(t.id.label("hold_id"), left.label("remaining"))
+                    .outerjoin(released, released.c.refers_to_id == t.id)
+                    .where(t.kind == "hold", left > 0).subquery())
+    for hold_id, journal_left, kept in session.execute(
+        select(func.coalesce(journal_open.c.hold_id, OpenHold.hold_id), journal_open.c.remaining, OpenHold.remaining)
+        .select_from(journal_open).join(OpenHold, OpenHold.hold_id == journal_open.c.hold_id, full=True)
+        .where(journal_open.c.remaining.is_distinct_from(OpenHold.remaining))
+    ):
+        problems.append(Mismatch(f"hold #{hold_id}", f"journal has {money_str(journal_left or 0)} still held, "
+                                                     f"open holds {money_str(kept or 0)}"))
     return problems
 
 
 __all__ = [
-    "Balance", "Mismatch", "account_balance", "adjust", "charge", "deposit", "hold",
-    "project_balance", "rate_at", "refund", "refundable", "release", "transfer", "verify",
+    "Balance", "Mismatch", "account_balance", "adjust", "charge", "deposit", "expire_holds", "hold",
+    "project_balance", "rate_at", "refund", "refundable", "release", "settle_holds", "transfer", "verify",
 ]

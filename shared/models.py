@@ -56,6 +56,8 @@ NAMING = {
 TRANSACTION_KINDS = ("deposit", "charge", "refund", "hold", "release", "transfer", "adjustment")
 # What an entry moves. available = allocated - charged + refunded - held.
 BUCKETS = ("allocated", "charged", "refunded", "held")
+# What admission control does with a job its account cannot cover (see services/admission).
+ADMISSION_POLICIES = ("reject", "allow", "notify")
 MEMBERSHIP_EVENTS = ("added", "removed", "pi_changed")
 
 Timestamp = DateTime(timezone=True)
@@ -71,10 +73,15 @@ class Base(DeclarativeBase):
 
 class System(Base):
     __tablename__ = "systems"
+    __table_args__ = (
+        CheckConstraint(_one_of("admission_policy", ADMISSION_POLICIES), name="admission_policy"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # None: the site's admission_policy setting.
+    admission_policy: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
 
     services: Mapped[list[Service]] = relationship(back_populates="system")
@@ -191,11 +198,14 @@ class Account(Base):
             unique=True,
             postgresql_where=text("is_default"),
         ),
+        CheckConstraint(_one_of("admission_policy", ADMISSION_POLICIES), name="admission_policy"),
     )
 
     id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    # None: its system's policy, else the site's admission_policy setting.
+    admission_policy: Mapped[str | None] = mapped_column(String(16))
     is_default: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     expires_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
@@ -386,6 +396,26 @@ class AccountBalance(Base):
     charged: Mapped[Decimal] = mapped_column(Money, default=0, server_default="0")
     refunded: Mapped[Decimal] = mapped_column(Money, default=0, server_default="0")
     held: Mapped[Decimal] = mapped_column(Money, default=0, server_default="0")
+
+
+class OpenHold(Base):
+    """Holds with money still held, kept by the ledger beside the journal (like the running
+    totals) so that settling a job's hold or expiring stale ones never scans the journal."""
+
+    __tablename__ = "open_holds"
+
+    hold_id: Mapped[int] = mapped_column(ForeignKey("ledger_transactions.id"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    job_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    remaining: Mapped[Decimal] = mapped_column(Money)
+    # When it is released if its job never reports back; None: only by hand.
+    expires_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        Index("ix_open_holds_account_expires", "account_id", "expires_at"),
+        Index("ix_open_holds_expires", "expires_at"),
+        CheckConstraint("remaining > 0", name="remaining_positive"),
+    )
 
 
 class ProcessedEvent(Base):

@@ -19,8 +19,8 @@ ROLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     # Everything is readable: reports, statements, balances.
     "openacct_reader": [("SELECT", CENTER + LEDGER + ("account_balances", "jobs", "processed_events",
                                                       "parked_events", "task_deliveries", "alerts_sent",
-                                                      "usage_daily"))],
-    # The workers (charger, refunder, reporter) write jobs, the inbox, dead letters, ledger rows
+                                                      "usage_daily", "open_holds"))],
+    # The workers (charger, refunder, reporter) and the admission service write jobs, the inbox, dead letters, ledger rows
     # and alerts; they lock accounts (FOR NO KEY UPDATE needs UPDATE on the table) but change
     # no center data.
     "openacct_charger": [
@@ -31,6 +31,8 @@ ROLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("UPDATE", ("jobs", "account_balances", "task_deliveries", "accounts", "alerts_sent")),
         # the usage rollup replaces a day's rows whole
         ("SELECT, INSERT, DELETE", ("usage_daily",)),
+        # holds still open, kept by the ledger beside the journal (admission runs as this role)
+        ("SELECT, INSERT, UPDATE, DELETE", ("open_holds",)),
     ],
     # Administrators model the center and move money by hand; still no UPDATE or DELETE on the
     # ledger itself.
@@ -41,6 +43,7 @@ ROLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
                                      "task_deliveries")),
         ("DELETE", ("project_members",)),
         ("INSERT", LEDGER),
+        ("SELECT, INSERT, UPDATE, DELETE", ("open_holds",)),
     ],
 }
 

@@ -10,7 +10,7 @@ import typer
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from typer._click.exceptions import ClickException  # typer >= 0.29 ships its own click
 
-from openacct.cli import center, money, pipeline, publish, refunds, reports
+from openacct.cli import admission, center, money, pipeline, publish, refunds, reports
 from openacct.cli.shell import shell
 from shared.errors import OpenAcctError
 
@@ -76,6 +76,8 @@ app.add_typer(center.project_app, name="project")
 app.add_typer(center.member_app, name="member")
 app.add_typer(center.account_app, name="account")
 app.add_typer(center.slurm_app, name="slurm")
+app.add_typer(admission.admission_app, name="admission")
+app.add_typer(admission.holds_app, name="holds")
 app.command("grant")(center.grant)
 app.command("revoke")(center.revoke)
 app.command("deposit")(money.deposit)

@@ -13,30 +13,41 @@ import sys
 import time
 from collections.abc import Mapping
 
-from openacct.hooks import ctld_state, slurm
+from openacct.hooks import admission, ctld_state, slurm
 from openacct.hooks.job_event import BadInput, encode
 from shared import spool
 from shared.hookconfig import HookSettings, default_data_dir
 
 
 def run(hook: str, environ: Mapping[bytes, bytes]) -> int:
-    spool_dir = None
+    spool_dir, settings = None, None
     try:
-        settings = HookSettings()
+        settings = HookSettings(admission=hook == "slurm-prologctld")
         spool_dir = settings.spool_dir
-        _spool_event(hook, _decode(environ), int(time.time()), spool_dir, settings.default_system)
+        return _spool_event(hook, _decode(environ), int(time.time()), settings)
     except BadInput as exc:
         _reject(hook, spool_dir, environ, str(exc))
     except Exception as exc:  # a bug, a broken config or a full disk must not fail the job
         _reject(hook, spool_dir, environ, f"internal error: {type(exc).__name__}: {exc}")
+    if settings is not None and settings.admission_socket and hook == "slurm-prologctld":
+        return 0 if settings.admission_fails_open else 1  # no decision: as configured
     return 0
 
 
-def _spool_event(hook: str, env: dict[str, str], now: int, spool_dir: str, default_system: str | None) -> None:
+def _spool_event(hook: str, env: dict[str, str], now: int, settings: HookSettings) -> int:
+    """Spool the hook's event; the exit code for Slurm (1: the prolog refuses the job)."""
+    spool_dir, default_system = settings.spool_dir, settings.default_system
     if hook == "slurm-jobcomp":
         event = slurm.jobcomp_event(env, now, default_system)
     elif hook == "slurm-prologctld":
         event = slurm.prologctld_event(env, now, default_system)
+        if settings.admission_socket:
+            verdict = admission.check(env, event, settings, now)
+            print(f"openacct hook {hook}: job {event['job_id']}: {verdict.reason}", file=sys.stderr)
+            if not verdict.admitted:
+                return 1  # Slurm requeues the job; it did not start, so nothing is spooled
+            if verdict.submit_time is not None:  # the key jobcomp's event will name the job by
+                event = slurm.prologctld_event(env, now, default_system, submit_time=verdict.submit_time)
         ctld_state.record_start(spool_dir, *_job_key(event), now)
     else:
         event = slurm.epilogctld_event(env, now, default_system,
@@ -44,6 +55,7 @@ def _spool_event(hook: str, env: dict[str, str], now: int, spool_dir: str, defau
     spool.write(spool_dir, str(event["event_id"]), encode(event))
     if hook == "slurm-epilogctld":  # only once the event is safe: a rerun finds the start again
         ctld_state.forget(spool_dir, *_job_key(event))
+    return 0
 
 
 def _job_key(event: dict[str, object]) -> tuple[str, str, int | None]:

@@ -68,8 +68,12 @@ def _ctld_job(env: Mapping[str, str], default_system: str | None) -> dict[str, o
     }
 
 
-def prologctld_event(env: Mapping[str, str], now: int, default_system: str | None) -> dict[str, object]:
-    return job_event("job.started", "slurm-prologctld", now, {**_ctld_job(env, default_system), "start_time": now})
+def prologctld_event(env: Mapping[str, str], now: int, default_system: str | None,
+                     submit_time: int | None = None) -> dict[str, object]:
+    """``submit_time`` when the admission check learnt it (from squeue): then the job is known
+    by the same key as its jobcomp record."""
+    job = {**_ctld_job(env, default_system), "submit_time": submit_time, "start_time": now}
+    return job_event("job.started", "slurm-prologctld", now, job)
 
 
 def epilogctld_event(env: Mapping[str, str], now: int, default_system: str | None,

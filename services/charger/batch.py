@@ -74,10 +74,13 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
     outcome.duplicates += len(final) - len(claimed)
     outcome.recorded += len(plans) - len(final)
     requests = []
+    ended: list[int] = []
     for plan in final:
         if plan.event.event_id not in claimed:
             continue
         job_id = job_ids[job_key(plan.job)]
+        if isinstance(plan.event, JobCompleted):
+            ended.append(job_id)
         outcome.recorded += 1
         if plan.charges:
             outcome.charged += 1
@@ -97,6 +100,7 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
         # let the caller apply its events one by one.
         raise RuntimeError(f"ledger refused charges: {result.refused}")
     outcome.transactions = len(result.transactions)
+    ledger.settle_holds(session, ended, actor="charger")  # admission's holds give way to the charges
     _refund_by_state(session, [r for r in requests if r.details["state"] in settings.refund_states],
                      result, settings.refund_states)
     outcome.parked = park(session, parked)

@@ -37,6 +37,9 @@ class Quote:
     available: Decimal
     credit_limit: Decimal
     lines: list[QuoteLine] = field(default_factory=list)
+    account_id: int = 0
+    system_id: int = 0
+    user_id: int | None = None
 
     @property
     def affordable(self) -> bool:
@@ -44,15 +47,19 @@ class Quote:
         return self.total <= self.available + self.credit_limit
 
 
-def quote(session: Session, system: str, account: str, *, minutes: int, cpus: int = 0, gpus: int = 0,
-          nodes: int = 0, partition: str | None = None, qos: str | None = None,
+def quote(session: Session, system: str, account: str | None, *, minutes: int, cpus: int = 0, gpus: int = 0,
+          nodes: int = 0, partition: str | None = None, qos: str | None = None, user: str | None = None,
           at: dt.datetime | None = None) -> Quote:
     """Price ``cpus``/``gpus``/``nodes`` for ``minutes`` on ``account``; raises ``Unresolved``
-    with the charger's own reasons (unknown account, no access to a service, …)."""
+    with the charger's own reasons (unknown account, no access to a service, a ``user`` who is
+    not a member, …)."""
     at = at or ledger.now()
-    directory = Directory.load(session, [SimpleNamespace(system=system, user="", account=account)])
+    directory = Directory.load(session, [SimpleNamespace(system=system, user=user or "", account=account)])
     found = directory.system(system)
     target = directory.account(found, account)
+    user_id = directory.user(found, user) if user is not None else None
+    if user is not None:
+        directory.check_member(target, user_id, user)
     directory.check_open(target, at)
     hours = Decimal(minutes) / 60
     multiplier = (found.multipliers.get(("partition", partition or ""), Decimal(1))
@@ -68,4 +75,4 @@ def quote(session: Session, system: str, account: str, *, minutes: int, cpus: in
                                round_money(quantity * rate * multiplier)))
     balance = ledger.account_balance(session, session.get_one(Account, target.id), at)
     return Quote(target.name, sum((line.cost for line in lines), Decimal(0)), balance.available,
-                 balance.credit_limit, lines)
+                 balance.credit_limit, lines, account_id=target.id, system_id=found.id, user_id=user_id)

@@ -52,6 +52,15 @@ def write_statements(period: str | None = None) -> str:
         return str(statement_files(session, period or previous_month()))
 
 
+@app.task(name="reporter.expire_holds", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+def expire_holds() -> int:
+    """Release the holds of jobs that never reported back (beat runs this every ``hold_expiry_interval`` s)."""
+    from shared import ledger
+
+    with session_scope() as session:
+        return len(ledger.expire_holds(session))
+
+
 @app.task(name="reporter.rollup", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
 def roll_up(days: int = ROLLUP_DAYS) -> int:
     """Roll up usage for today and the ``days`` before it (beat runs this hourly)."""

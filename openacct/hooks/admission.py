@@ -1,0 +1,168 @@
+"""PrologSlurmctld's admission check: may this job start? Standard library only.
+
+Slurm tells the prolog neither the job's time limit nor its submit time, so ``squeue`` is asked
+for them (with a format of fields no user can write into: a job name or comment cannot pass for
+a time limit), then ``openacct admission serve`` decides and holds the money (see
+``services.admission``). Everything runs against one deadline, ``admission_timeout``: a prolog that
+hangs would stall the job, so when no answer comes in time the job starts or not as
+``admission_on_error`` says, and an alarm ends the process should anything block past it.
+
+A refused job gets the reason in its AdminComment, which its user reads with ``scontrol show job``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+
+from openacct.hooks import slurm_values as v
+from openacct.hooks.job_event import BadInput, encode, iso_utc
+from shared.hookconfig import HookSettings
+
+# squeue's fields: time limit, submit time (epoch with SLURM_TIME_FORMAT=%s), QOS, TRES per node.
+SQUEUE_FORMAT = "%l|%V|%q|%b"
+REASON_MAX = 400
+
+
+class NoDecision(Exception):
+    """No decision could be had in time; the message says why."""
+
+
+class Verdict:
+    def __init__(self, admitted: bool, reason: str, submit_time: int | None = None) -> None:
+        self.admitted, self.reason, self.submit_time = admitted, reason, submit_time
+
+
+def check(env: Mapping[str, str], started: dict[str, object], settings: HookSettings, now: int) -> Verdict:
+    """The verdict on the job of ``started`` (its job.started event), with its submit time
+    when squeue told it."""
+    deadline = time.monotonic() + settings.admission_timeout
+    # The alarm is the last resort: it fires a little after the deadline, if a call ignored it.
+    signal.signal(signal.SIGALRM, lambda *_: _give_up(settings))
+    signal.setitimer(signal.ITIMER_REAL, settings.admission_timeout + 0.5)
+    submit = None
+    try:
+        job = _from_squeue(env, started, settings.slurm_bin_dir, deadline)
+        submit = int(job.pop("submit_epoch"))  # type: ignore[call-overload]
+        reply = _ask(settings.admission_socket, {**_request(started, now), **job}, deadline)
+    except (NoDecision, BadInput) as exc:
+        return Verdict(*failed(settings, str(exc)), submit)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    if "error" in reply:
+        return Verdict(*failed(settings, str(reply["error"])), submit)
+    verdict = Verdict(reply.get("admit") is True, str(reply.get("reason", "")), submit)
+    if not verdict.admitted:
+        _tell_user(started, settings.slurm_bin_dir, verdict.reason, deadline + 1)
+    return verdict
+
+
+def failed(settings: HookSettings, why: str) -> tuple[bool, str]:
+    verdict = "starts (admission_on_error = open)" if settings.admission_fails_open else \
+        "does not start (admission_on_error = closed)"
+    return settings.admission_fails_open, f"no admission decision ({why}); the job {verdict}"
+
+
+def _give_up(settings: HookSettings) -> None:
+    os.write(2, b"openacct hook slurm-prologctld: admission check timed out\n")
+    os._exit(0 if settings.admission_fails_open else 1)
+
+
+def _request(started: dict[str, object], now: int) -> dict[str, object]:
+    fields = ("system", "job_id", "array_job_id", "array_task_id", "user", "account", "partition", "node_list")
+    return {**{k: started.get(k) for k in fields}, "cpus": started["cpus"], "nodes": started["node_count"],
+            "start_time": iso_utc(now)}
+
+
+def _job_ref(started: dict[str, object]) -> str:
+    if started.get("array_task_id") is not None:
+        return f"{started['array_job_id']}_{started['array_task_id']}"
+    return str(started["job_id"])
+
+
+def _run(argv: list[str], deadline: float) -> str:
+    env = {"SLURM_TIME_FORMAT": "%s", "PATH": "/usr/bin:/bin"}
+    if "SLURM_CONF" in os.environ:
+        env["SLURM_CONF"] = os.environ["SLURM_CONF"]
+    try:
+        done = subprocess.run(argv, capture_output=True, env=env, timeout=max(0.05, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise NoDecision(f"{os.path.basename(argv[0])} did not answer in time") from None
+    except OSError as exc:
+        raise NoDecision(f"cannot run {argv[0]}: {exc.strerror}") from None
+    if done.returncode != 0:
+        raise NoDecision(f"{os.path.basename(argv[0])} failed: {done.stderr.decode(errors='replace').strip()[:200]}")
+    return done.stdout.decode(errors="replace")
+
+
+def _from_squeue(env: Mapping[str, str], started: dict[str, object], bin_dir: str, deadline: float) -> dict[str, object]:
+    out = _run([os.path.join(bin_dir, "squeue"), "-h", "-j", _job_ref(started), "-o", SQUEUE_FORMAT], deadline)
+    line = out.strip().splitlines()[0] if out.strip() else ""
+    parts = line.split("|")
+    if len(parts) != 4:
+        raise NoDecision(f"squeue gave {line[:100]!r} for job {_job_ref(started)}")
+    limit, submit, qos, tres = parts
+    if not (submit.isascii() and submit.isdigit()):
+        raise NoDecision(f"squeue gave submit time {submit[:40]!r}")
+    restarts = v.optional(env, "SLURM_JOB_RESTART_COUNT")
+    return {"time_limit_minutes": v.time_limit_minutes(limit), "submit_time": iso_utc(int(submit)),
+            "submit_epoch": int(submit),
+            "qos": None if qos in ("", "N/A", "(null)") else qos,
+            "gpus": _gpus_per_node(tres) * int(started["node_count"] or 1),  # type: ignore[call-overload]
+            "restart_count": int(restarts) if restarts and restarts.isdigit() else 0}
+
+
+def _gpus_per_node(tres: str) -> int:
+    """GPUs per node from squeue's %b: "gres:gpu:2", "gres/gpu:a100:2", "gres/gpu=2", "N/A"."""
+    total = 0
+    for item in tres.split(","):
+        name, sep, count = item.replace("=", ":").rpartition(":")
+        if "gpu" in name and sep and count.isascii() and count.isdigit():
+            total += int(count)
+        elif item.endswith(("gres:gpu", "gres/gpu")):
+            total += 1
+    return total
+
+
+def _ask(path: str | None, request: dict[str, object], deadline: float) -> dict[str, object]:
+    import json  # only here: the prolog without admission control does not pay for it
+
+    if not path:
+        raise NoDecision("admission_socket is not set")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(max(0.05, deadline - time.monotonic()))
+            conn.connect(path)
+            conn.sendall(encode(request))
+            reply = b""
+            while not reply.endswith(b"\n"):
+                conn.settimeout(max(0.05, deadline - time.monotonic()))
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+    except TimeoutError:
+        raise NoDecision("the admission service did not answer in time") from None
+    except OSError as exc:
+        raise NoDecision(f"cannot reach the admission service at {path}: {exc.strerror or exc}") from None
+    try:
+        answer = json.loads(reply)
+    except ValueError:
+        raise NoDecision(f"the admission service answered {reply[:100]!r}") from None
+    if not isinstance(answer, dict):
+        raise NoDecision(f"the admission service answered {reply[:100]!r}")
+    return answer
+
+
+def _tell_user(started: dict[str, object], bin_dir: str, reason: str, deadline: float) -> None:
+    """Best effort: the job's AdminComment says why it waits. It cannot fail the decision."""
+    text = ("OpenAcct: job not started: " + reason)[:REASON_MAX].replace("'", "").replace('"', "")
+    try:
+        _run([os.path.join(bin_dir, "scontrol"), "update", f"JobId={_job_ref(started)}", f"AdminComment={text}"],
+             deadline)
+    except NoDecision:
+        pass

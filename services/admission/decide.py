@@ -1,0 +1,141 @@
+"""May this job start? Price its time limit as the charger would price its use, then hold that
+much of its account's money under the account's (or system's, or site's) policy:
+
+| policy | the hold fits within available + credit limit | it does not |
+|---|---|---|
+| reject | held; the job starts | nothing held; the job does not start |
+| allow  | held; the job starts | what fits is held; the job starts |
+| notify | held; the job starts | all of it is held, past the credit limit; the job starts |
+
+The hold is the ledger's, keyed by the job's run (system, job id, array task, submit time, restart
+count), so a prolog run twice holds once. The job's charge at its end releases it (the charger,
+in the same transaction); a job that never reports back has its hold expire ``hold_grace`` after
+its time limit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from sqlalchemy.orm import Session
+
+from services.charger.directory import Unresolved, system_named
+from services.charger.quote import Quote, quote
+from shared import ledger
+from shared.config import Settings
+from shared.errors import InsufficientFunds
+from shared.jobs import upsert_jobs
+from shared.models import Account, Job, System
+from shared.money import money_str
+
+log = logging.getLogger("openacct.admission")
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Count = Annotated[int, Field(ge=0, le=10_000_000, strict=True)]
+
+
+class AdmissionRequest(BaseModel):
+    """What the prolog knows of a job about to start (from Slurm's environment and scontrol)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system: Name
+    job_id: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}$")]
+    array_job_id: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}$")] | None = None
+    array_task_id: Count | None = None
+    submit_time: AwareDatetime
+    start_time: AwareDatetime
+    restart_count: Count = 0
+    user: Name
+    account: Name | None = None
+    partition: Name | None = None
+    qos: Name | None = None
+    cpus: Count = 0
+    gpus: Count = 0
+    nodes: Count = 0
+    node_list: Annotated[str, StringConstraints(max_length=65536)] | None = None
+    time_limit_minutes: Annotated[int, Field(ge=1, le=400 * 24 * 60, strict=True)] | None = None
+
+    @property
+    def run_key(self) -> str:
+        task = "" if self.array_task_id is None else f"_{self.array_task_id}"
+        return f"{self.system}/{self.job_id}{task}/{int(self.submit_time.timestamp())}/{self.restart_count}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    admit: bool
+    policy: str
+    reason: str
+    cost: Decimal | None = None
+    held: Decimal = Decimal(0)
+    hold_id: int | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"admit": self.admit, "policy": self.policy, "reason": self.reason,
+                "cost": None if self.cost is None else money_str(self.cost),
+                "held": money_str(self.held), "hold_id": self.hold_id}
+
+
+def decide(session: Session, request: AdmissionRequest, settings: Settings) -> Decision:
+    minutes = request.time_limit_minutes or settings.admission_unlimited_minutes
+    try:
+        priced = quote(session, request.system, request.account, minutes=minutes, cpus=request.cpus,
+                       gpus=request.gpus, nodes=request.nodes, partition=request.partition,
+                       qos=request.qos, user=request.user, at=request.start_time)
+    except Unresolved as exc:
+        # The charger would park this job's charge: under reject it does not run unpaid.
+        policy = _policy(session, request, None, settings)
+        return Decision(policy != "reject", policy, f"OpenAcct cannot charge this job: {exc}")
+    account = session.get_one(Account, priced.account_id)
+    policy = _policy(session, request, account, settings)
+    job = _record_job(session, request, priced, minutes)
+    expires = request.start_time + dt.timedelta(minutes=minutes, seconds=settings.hold_grace)
+    limit, fit = {"reject": ("credit", False), "allow": ("credit", True), "notify": ("none", False)}[policy]
+    try:
+        held = ledger.hold(
+            session, account, priced.total, job=job, limit=limit, fit=fit, expires_at=expires,
+            key=f"hold/{request.run_key}", actor="admission",
+            description=f"job {request.job_id}: {minutes} min limit", details={"cost": money_str(priced.total)},
+        ) if priced.total > 0 else None
+    except InsufficientFunds:
+        return Decision(False, policy, _short(priced, minutes), priced.total)
+    amount = held.amount if held is not None else Decimal(0)
+    reason = f"held {money_str(amount)} of {account.name!r} for at most {minutes} min"
+    if amount < priced.total or priced.total > priced.available + priced.credit_limit:
+        reason = f"{_short(priced, minutes)}; started under policy {policy}, {reason}"
+        log.warning("job %s: %s", request.job_id, reason)
+    return Decision(True, policy, reason, priced.total, amount, held.id if held is not None else None)
+
+
+def _short(priced: Quote, minutes: int) -> str:
+    return (f"account {priced.account!r} cannot cover this job: at most {money_str(priced.total)} "
+            f"({minutes} min limit), {money_str(priced.available)} available, credit limit "
+            f"{money_str(priced.credit_limit)}")
+
+
+def _policy(session: Session, request: AdmissionRequest, account: Account | None, settings: Settings) -> str:
+    if account is not None and account.admission_policy:
+        return account.admission_policy
+    found = system_named(session, request.system)
+    system = session.get(System, found.id) if found is not None else None
+    return (system.admission_policy if system is not None else None) or settings.admission_policy
+
+
+def _record_job(session: Session, request: AdmissionRequest, priced: Quote, minutes: int) -> Job:
+    """The job's row, under the key its end-of-job event will name, so the hold is linked to it."""
+    key = {"system_id": priced.system_id, "job_id": request.job_id, "array_task_id": request.array_task_id,
+           "het_offset": None, "submit_time": request.submit_time}
+    ids = upsert_jobs(session, [{
+        **key, "array_job_id": request.array_job_id, "start_time": request.start_time, "user_id": priced.user_id,
+        "account_id": priced.account_id, "partition": request.partition, "qos": request.qos,
+        "state": "RUNNING", "node_count": request.nodes or None, "node_list": request.node_list,
+        "cpus": request.cpus, "gpus": request.gpus, "time_limit_minutes": request.time_limit_minutes,
+    }])
+    return session.get_one(Job, next(iter(ids.values())))
+
