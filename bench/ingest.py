@@ -44,8 +44,8 @@ def scratch_database(tmp: Path) -> str:
     return server.set(database="openacct_bench").render_as_string(hide_password=False)
 
 
-def prepare(url: str) -> None:
-    from openacct import shortcuts
+def use_database(url: str) -> None:
+    """Point this process's OpenAcct at ``url`` and migrate it."""
     from shared import config, db
     from shared.migrate import upgrade
 
@@ -54,6 +54,13 @@ def prepare(url: str) -> None:
     db.database_url.cache_clear()
     db.engine.cache_clear()
     upgrade(db.engine())
+
+
+def prepare(url: str) -> None:
+    from openacct import shortcuts
+    from shared import db
+
+    use_database(url)
     with db.session_scope():
         exec((ROOT / "examples" / "quickstart.py").read_text(),
              {n: getattr(shortcuts, n) for n in shortcuts.__all__})

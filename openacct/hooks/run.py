@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Mapping
 
-from openacct.hooks import admission, ctld_state, slurm
+from openacct.hooks import ctld_state, slurm
 from openacct.hooks.job_event import BadInput, encode
 from shared import spool
 from shared.hookconfig import HookSettings, default_data_dir
@@ -42,6 +42,8 @@ def _spool_event(hook: str, env: dict[str, str], now: int, settings: HookSetting
     elif hook == "slurm-prologctld":
         event = slurm.prologctld_event(env, now, default_system)
         if settings.admission_socket:
+            from openacct.hooks import admission  # its imports cost milliseconds the others need not pay
+
             verdict = admission.check(env, event, settings, now)
             print(f"openacct hook {hook}: job {event['job_id']}: {verdict.reason}", file=sys.stderr)
             if not verdict.admitted:

@@ -90,10 +90,11 @@ def decide(session: Session, request: AdmissionRequest, settings: Settings) -> D
                        qos=request.qos, user=request.user, at=request.start_time)
     except Unresolved as exc:
         # The charger would park this job's charge: under reject it does not run unpaid.
-        policy = _policy(session, request, None, settings)
+        found = system_named(session, request.system)
+        policy = _policy(None, session.get(System, found.id) if found else None, settings)
         return Decision(policy != "reject", policy, f"OpenAcct cannot charge this job: {exc}")
     account = session.get_one(Account, priced.account_id)
-    policy = _policy(session, request, account, settings)
+    policy = _policy(account, session.get(System, priced.system_id), settings)
     job = _record_job(session, request, priced, minutes)
     expires = request.start_time + dt.timedelta(minutes=minutes, seconds=settings.hold_grace)
     limit, fit = {"reject": ("credit", False), "allow": ("credit", True), "notify": ("none", False)}[policy]
@@ -119,12 +120,9 @@ def _short(priced: Quote, minutes: int) -> str:
             f"{money_str(priced.credit_limit)}")
 
 
-def _policy(session: Session, request: AdmissionRequest, account: Account | None, settings: Settings) -> str:
-    if account is not None and account.admission_policy:
-        return account.admission_policy
-    found = system_named(session, request.system)
-    system = session.get(System, found.id) if found is not None else None
-    return (system.admission_policy if system is not None else None) or settings.admission_policy
+def _policy(account: Account | None, system: System | None, settings: Settings) -> str:
+    return ((account.admission_policy if account else None) or (system.admission_policy if system else None)
+            or settings.admission_policy)
 
 
 def _record_job(session: Session, request: AdmissionRequest, priced: Quote, minutes: int) -> Job:

@@ -6,14 +6,14 @@ So the prolog sends one JSON line and reads one back; this long-lived process ho
 connections. Only root and the server's own user may ask: a cluster user who could connect
 could hold other accounts' money, so the peer's uid is checked on every connection.
 
-Reply: ``{"admit": true|false, "policy", "reason", "cost", "held", "hold_id"}``, or
-``{"error": "..."}`` when there is no decision (bad request, database down): the prolog then
-fails open or closed as configured.
+The request is a job as JSON (``services.admission.decide.AdmissionRequest``); the reply is one
+line, ``admit<TAB>why``, ``reject<TAB>why``, or ``error<TAB>why`` when there is no decision (a bad
+request, the database down): the prolog then fails open or closed as configured. Plain text, so
+the prolog needs no JSON parser (and the regular expressions it imports) to read it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -75,8 +75,10 @@ class _Handler(socketserver.StreamRequestHandler):
         self._reply(answer(line, self.server.settings))
 
     def _reply(self, body: dict[str, object]) -> None:
+        verb = "error" if "error" in body else "admit" if body["admit"] else "reject"
+        why = " ".join(str(body.get("error") or body.get("reason") or "").split())  # one line, no tabs
         try:
-            self.wfile.write(json.dumps(body).encode() + b"\n")
+            self.wfile.write(f"{verb}\t{why}\n".encode())
         except OSError:  # the prolog gave up waiting: it has already decided by itself
             pass
 
