@@ -103,9 +103,13 @@ def configure(app: Celery, settings: Settings) -> None:
         "monthly-statements": {"task": "reporter.statements", "schedule": cron(settings.statements_schedule),
                                "options": {"queue": "reporter", "routing_key": "reporter"}},
     }
+    if settings.reconcile_schedule:  # off unless configured: it needs sacct where the reporter runs
+        app.conf.beat_schedule["slurm-reconcile"] = {
+            "task": "reporter.reconcile", "schedule": cron(settings.reconcile_schedule),
+            "options": {"queue": "reporter", "routing_key": "reporter"}}
     app.conf.task_routes.update({name: {"queue": "reporter", "routing_key": "reporter"}
                                  for name in ("reporter.alerts", "reporter.statements", "reporter.rollup",
-                                              "reporter.expire_holds")})
+                                              "reporter.expire_holds", "reporter.reconcile")})
 
 
 def cron(line: str) -> crontab:

@@ -125,6 +125,15 @@ class Settings(BaseSettings):
     statements_schedule: str = Field(
         default="0 2 1 * *", description="When beat has last month's statements written: a cron line."
     )
+    reconcile_schedule: str | None = Field(
+        default=None,
+        description="When beat has `openacct slurm reconcile` run (it charges jobs whose jobcomp record "
+        "was lost): a cron line. Unset: never. The reporter worker that runs it needs sacct.",
+    )
+    reconcile_lookback: int = Field(
+        default=2 * 24 * 3600, ge=600, le=400 * 24 * 3600,
+        description="Seconds back from now in which each scheduled reconcile looks for ended jobs.",
+    )
     smtp_url: str | None = Field(
         default=None, description="smtp://host:port (or smtps://) to send alerts by email; unset: no email."
     )
@@ -148,9 +157,12 @@ class Settings(BaseSettings):
             raise ValueError("each is a number of days from 0 to 3650")
         return sorted(set(values), reverse=True)
 
-    @field_validator("rollup_schedule", "statements_schedule")
+    @field_validator("rollup_schedule", "statements_schedule", "reconcile_schedule")
     @classmethod
-    def _cron(cls, line: str) -> str:
+    def _cron(cls, line: str | None, info: Any) -> str | None:
+        if info.field_name == "reconcile_schedule" and not (line or "").strip():
+            return None  # unset: no scheduled reconcile
+        assert line is not None
         fields = line.split()
         if len(fields) != 5:
             raise ValueError("must be a cron line of five fields: minute hour day-of-month month day-of-week")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from sqlalchemy import select
@@ -26,6 +26,9 @@ from shared.models import (
     System,
     User,
 )
+
+if TYPE_CHECKING:
+    from openacct.slurm_reconcile import Reconciliation
 
 Description = Annotated[str, typer.Option("--description", "-d", help="Free text.")]
 
@@ -302,3 +305,64 @@ def slurm_sync(
             if result.returncode != 0:
                 raise InvalidInput(f"{shlex.join(command)} failed: {result.stderr.strip() or result.stdout.strip()}")
     done(f"{len(commands)} sacctmgr commands {'to run' if dry_run else 'run'}; Slurm {'would match' if dry_run else 'matches'} OpenAcct")
+
+
+@slurm_app.command("reconcile")
+def slurm_reconcile(
+    since: Annotated[str, typer.Option(help="Jobs that ended at or after this time (ISO 8601; the configured timezone unless it says).")],
+    until: Annotated[str | None, typer.Option(help="...and before this time (default: now).")] = None,
+    cluster: Annotated[str | None, typer.Option(help="The Slurm cluster sacct reports on (default: sacct's own, from slurm.conf).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Compare and list; publish nothing.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Charge the jobs Slurm's accounting (sacct) says ended that the ledger never charged (their
+    jobcomp record was lost), by publishing the event the jobcomp hook would have, and list
+    the jobs charged otherwise than sacct implies. Exit 0: every job is charged as sacct says or
+    was published now; 1: some job differs, is parked or cannot be read (with --dry-run: or is
+    missing); 3: sacct is missing, failed or cannot reach slurmdbd."""
+    import time
+
+    from openacct import sacct
+    from openacct import slurm_reconcile as rec
+    from openacct.slurm_sync import NAME
+    from shared.config import get_settings
+    from shared.timestamps import parse_time
+
+    settings = get_settings()
+    start = parse_time(since, "--since", settings.zone)
+    end = parse_time(until, "--until", settings.zone) if until is not None else ledger.now()
+    if cluster is not None and not NAME.match(cluster):
+        raise InvalidInput(f"--cluster {cluster!r} is not a Slurm cluster name")
+    try:
+        records, unreadable = sacct.query(start, end, cluster)
+    except sacct.SacctUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from None
+    with session_scope() as s:
+        result = rec.reconcile(s, records, unreadable, now=int(time.time()),
+                               publish=None if dry_run else rec.spool_publisher(settings.spool_path))
+    _reconcile_report(result, start, end, cluster, dry_run, as_json)
+    if not result.reconciled:
+        raise typer.Exit(1)
+
+
+def _reconcile_report(result: Reconciliation, start: dt.datetime, end: dt.datetime, cluster: str | None,
+                      dry_run: bool, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from openacct.cli.output import emit_json
+
+    listed = [asdict(f) for f in result.findings if f.status != "matches"]
+    if as_json:
+        emit_json({"since": start, "until": end, "cluster": cluster, "dry_run": dry_run, "counts": result.counts,
+                   "not_ended": result.not_ended, "jobs": listed})
+        return
+    done(f"jobs that ended from {start.isoformat()} to {end.isoformat()}" + (f" on {cluster}" if cluster else ""))
+    emit_rows([{"status": k, "jobs": v} for k, v in result.counts.items()] + [{"status": "not ended", "jobs": result.not_ended}],
+              ["status", "jobs"], as_json=False)
+    if listed:
+        emit_rows(listed, ["job", "status", "state", "user", "account", "end", "elapsed_seconds", "cpus", "gpus",
+                           "expected", "charged", "note"], as_json=False)
+    missing = result.counts["missing"]
+    done(f"{missing} missing jobs would be published (dry run)" if dry_run else
+         f"{result.counts['published']} missing jobs published to the spool for the relay")

@@ -7,6 +7,7 @@ alerts are claimed once per threshold, statements are files written whole over t
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ app = get_app()
 AVAILABLE = {"alerts", "statements", "rollup"}
 # Each scheduled rollup does the last few days again: late job events land within them.
 ROLLUP_DAYS = 3
+# Seconds: jobs that ended this recently may still be on their way from the jobcomp hook.
+RECONCILE_SETTLE = 600
+log = logging.getLogger("openacct.reporter")
 
 
 @app.task(name="reporter.process_batch", bind=True, autoretry_for=RETRYABLE, retry_backoff=True,
@@ -59,6 +63,42 @@ def expire_holds() -> int:
 
     with session_scope() as session:
         return len(ledger.expire_holds(session))
+
+
+@app.task(name="reporter.reconcile", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+def reconcile_slurm(settle: int = RECONCILE_SETTLE, lookback: int | None = None) -> dict[str, int]:
+    """Charge the jobs sacct says ended in the ``lookback`` seconds (``reconcile_lookback``)
+    before the last ``settle`` whose jobcomp record never arrived (beat runs this on
+    ``reconcile_schedule``), as `openacct slurm reconcile` does. Their events go straight to
+    the charger's queue: this worker may run where no relay ships a spool, and an event lost on
+    the way is found missing by the next run."""
+    import time
+
+    from openacct import sacct, slurm_reconcile
+
+    settings = get_settings()
+    until = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settle)
+    since = until - dt.timedelta(seconds=lookback or settings.reconcile_lookback)
+    records, unreadable = sacct.query(since, until, None)
+    with session_scope() as session:
+        result = slurm_reconcile.reconcile(session, records, unreadable, publish=_to_charger, now=int(time.time()))
+    for finding in result.findings:
+        if finding.status in slurm_reconcile.UNRECONCILED:
+            log.warning("reconcile: job %s %s: expected %s, charged %s %s", finding.job, finding.status,
+                        finding.expected, finding.charged, finding.note)
+    log.info("reconcile of jobs that ended from %s to %s: %s", since.isoformat(), until.isoformat(),
+             " ".join(f"{k}={v}" for k, v in result.counts.items()))
+    return result.counts
+
+
+def _to_charger(events: list[tuple[str, bytes]]) -> None:
+    from shared.celery_app import TASKS
+    from shared.relay import message_item
+
+    items = [message_item(raw)[1] for _, raw in events]
+    size = get_settings().relay_batch_size
+    for first in range(0, len(items), size):
+        app.send_task(TASKS["charger"], args=[items[first:first + size]], queue="charger", routing_key="charger")
 
 
 @app.task(name="reporter.rollup", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)

@@ -1,0 +1,222 @@
+"""Reconcile the ledger with Slurm's accounting: every job sacct says ended is charged once.
+
+jobcomp/script records still queued when slurmctld dies (SIGKILL, a crash) are lost for good,
+while slurmdbd keeps the job. Each sacct record is made into the event the jobcomp hook would
+have built for the job (``openacct.sacct`` maps it onto jobcomp's variables), so its id is the
+hook's, and the ledger is asked about the job, known by system, job id, array task and submit
+time:
+
+- ``matches``: recorded as ended and charged what the charger makes of sacct's record;
+- ``differs``: recorded, but charged otherwise; listed with both figures, never published again
+  (the inbox would drop the event anyway: the difference is for a person to look into);
+- ``parked``: its event is a dead letter (``openacct deadletter list`` says why);
+- ``missing``: not recorded as ended; published, the relay and the charger apply it once
+  (``published``), as they would have applied the hook's;
+- ``invalid``: the record cannot become an event (the reason is given).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from bisect import bisect_right
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from openacct.hooks import slurm
+from openacct.hooks.job_event import BadInput, encode
+from openacct.sacct import ENDED, Record
+from services.charger.batch import _plan as charger_plan
+from services.charger.directory import Directory, Unresolved, system_named
+from services.refunder.rerate import _referring_sums
+from shared import bulk, ledger, spool
+from shared.config import get_settings
+from shared.events import EventRejected, JobCompleted, parse_event
+from shared.models import Job, LedgerTransaction, ParkedEvent
+from shared.money import round_money
+
+SOURCE = "slurm-reconcile"  # not part of the event id: the hook's and ours are one event
+# The ctld hooks key a job by the prolog's clock, which may be a second or two off Slurm's start.
+START_SLACK = dt.timedelta(seconds=60)
+UNRECONCILED = ("missing", "differs", "parked", "invalid")
+# (event id, raw event) pairs, to be applied as the hook's events are.
+Publisher = Callable[[list[tuple[str, bytes]]], None]
+
+
+@dataclass
+class Finding:
+    job: str
+    status: str
+    event_id: str | None = None
+    state: str | None = None
+    user: str | None = None
+    account: str | None = None
+    end: dt.datetime | None = None
+    elapsed_seconds: int | None = None
+    cpus: int | None = None
+    gpus: int | None = None
+    expected: Decimal | None = None
+    charged: Decimal | None = None
+    expected_quantity: dict[str, Decimal] = field(default_factory=dict)
+    charged_quantity: dict[str, Decimal] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class Reconciliation:
+    findings: list[Finding]
+    not_ended: int = 0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("matches", "published", *UNRECONCILED), 0)
+        for finding in self.findings:
+            counts[finding.status] += 1
+        return counts
+
+    @property
+    def reconciled(self) -> bool:
+        return not any(f.status in UNRECONCILED for f in self.findings)
+
+
+@dataclass
+class _Candidate:
+    record: Record
+    event: JobCompleted
+    raw: bytes
+
+
+def reconcile(session: Session, records: Iterable[Record], unreadable: Iterable[str] = (), *,
+              publish: Publisher | None, now: int) -> Reconciliation:
+    """Compare each ended job of ``records`` with the ledger; publish the missing ones unless
+    ``publish`` is None (a dry run)."""
+    candidates, result = events(records, now, get_settings().default_system)
+    result.findings += [Finding("-", "invalid", note=line) for line in unreadable]
+    result.findings += compare(session, candidates)
+    missing = [f for f in result.findings if f.status == "missing"]
+    if publish is not None and missing:
+        raw = {c.event.event_id: c.raw for c in candidates}
+        publish([(f.event_id, raw[f.event_id]) for f in missing])  # type: ignore[index]
+        for finding in missing:
+            finding.status = "published"
+    return result
+
+
+def events(records: Iterable[Record], now: int, default_system: str | None) -> tuple[list[_Candidate], Reconciliation]:
+    """The jobcomp hook's event for each ended job (one per event id: sacct -D may list a job
+    twice after slurmctld recovered), and a reconciliation holding those that cannot be one."""
+    result = Reconciliation([])
+    candidates: dict[str, _Candidate] = {}
+    for record in records:
+        if record.state not in ENDED:  # running, pending, requeued: not the end of a run
+            result.not_ended += 1
+            continue
+        try:
+            raw = encode(slurm.jobcomp_event(record.jobcomp_env(), now, default_system, source=SOURCE))
+            event = parse_event(raw)
+        except (BadInput, EventRejected) as exc:
+            result.findings.append(Finding(record.fields["JobID"], "invalid", state=record.state, note=str(exc)))
+            continue
+        assert isinstance(event, JobCompleted)
+        candidates.setdefault(event.event_id, _Candidate(record, event, raw))
+    return list(candidates.values()), result
+
+
+def compare(session: Session, candidates: list[_Candidate]) -> list[Finding]:
+    systems = {name: system_named(session, name) for name in {c.event.system for c in candidates}}
+    rows = _jobs(session, {s.id for s in systems.values() if s is not None}, {c.event.job_id for c in candidates})
+    parked = set(session.scalars(select(ParkedEvent.event_id).where(
+        bulk.any_of(ParkedEvent.event_id, [c.event.event_id for c in candidates]), ParkedEvent.replayed_at.is_(None))))
+    findings: list[Finding] = []
+    recorded: list[tuple[_Candidate, Job, Finding]] = []
+    for c in candidates:
+        e = c.event
+        finding = Finding(c.record.fields["JobID"], "missing", event_id=e.event_id, state=e.state, user=e.user,
+                          account=e.account, end=e.end_time, cpus=e.cpus, gpus=c.record.gpus,
+                          elapsed_seconds=int((e.end_time - (e.start_time or e.end_time)).total_seconds()))
+        findings.append(finding)
+        system = systems[e.system]
+        row = None if system is None else _recorded(rows.get((system.id, e.job_id, e.array_task_id), []), e)
+        if row is not None and row.end_time is not None:
+            recorded.append((c, row, finding))
+        elif e.event_id in parked:
+            finding.status, finding.note = "parked", "its event is a dead letter: openacct deadletter list"
+    _check_charges(session, recorded)
+    return findings
+
+
+def _jobs(session: Session, system_ids: set[int], job_ids: set[str]) -> dict[tuple[Any, ...], list[Job]]:
+    found: dict[tuple[Any, ...], list[Job]] = defaultdict(list)
+    if system_ids and job_ids:
+        for job in session.scalars(select(Job).where(Job.system_id.in_(system_ids), bulk.any_of(Job.job_id, job_ids))):
+            found[(job.system_id, job.job_id, job.array_task_id)].append(job)
+    return found
+
+
+def _recorded(rows: list[Job], event: JobCompleted) -> Job | None:
+    """This run of the job among the rows of its id: by submit time, else (rows the ctld hooks
+    keyed by their start) by start time."""
+    same = [r for r in rows if r.submit_time == event.submit_time]
+    if not same and event.start_time is not None:
+        same = [r for r in rows if r.submit_time == r.start_time and r.start_time is not None
+                and abs(r.start_time - event.start_time) <= START_SLACK]
+    return same[0] if same else None
+
+
+def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Finding]]) -> None:
+    """Compare what each recorded job was charged (charges as re-rated since; refunds are
+    deliberate and not counted) with what the charger would charge for sacct's record."""
+    if not recorded:
+        return
+    charges: dict[int, list[LedgerTransaction]] = defaultdict(list)
+    for txn in session.scalars(select(LedgerTransaction).where(
+            LedgerTransaction.kind == "charge", bulk.any_of(LedgerTransaction.job_id, [row.id for _, row, _ in recorded]))):
+        charges[txn.job_id].append(txn)  # type: ignore[index]
+    adjusted, _ = _referring_sums(session, [t.id for ts in charges.values() for t in ts], "adjustment")
+    directory = Directory.load(session, [c.event for c, _, _ in recorded])
+    free_states = set(get_settings().free_states)
+    plans = {}
+    for c, _, finding in recorded:
+        try:
+            plans[c.event.event_id] = charger_plan(session, directory, c.event, free_states)
+        except Unresolved as exc:
+            finding.note = f"the charger would not charge sacct's record now: {exc}"
+    rates = ledger._rate_tables(session, {p["service_id"] for plan in plans.values() for p in plan.charges})
+    for c, row, finding in recorded:
+        held = charges[row.id]
+        finding.charged = sum((t.amount + adjusted.get(t.id, Decimal(0)) for t in held), Decimal(0))
+        finding.charged_quantity = {str(t.details.get("resource", t.service_id)): t.quantity or Decimal(0) for t in held}
+        plan = plans.get(c.event.event_id)
+        if plan is None:
+            finding.status = "differs"
+            continue
+        finding.expected_quantity = {p["details"]["resource"]: p["quantity"] for p in plan.charges}
+        prices = [_price(rates, p["service_id"], c.event.end_time, p["quantity"], p["multiplier"]) for p in plan.charges]
+        finding.expected = None if None in prices else sum(prices, Decimal(0))  # type: ignore[arg-type]
+        same = finding.expected == finding.charged and finding.expected_quantity == finding.charged_quantity
+        finding.status = "matches" if same else "differs"
+        if finding.expected is None:
+            finding.note = "no charge rate in effect at the job's end"
+
+
+def _price(rates: dict[int, tuple[list[dt.datetime], list[Decimal]]], service_id: int, at: dt.datetime,
+           quantity: Decimal, multiplier: Decimal) -> Decimal | None:
+    """As ``ledger.charge_many`` prices a charge: at the rate in effect at ``at``, rounded once."""
+    starts, table = rates.get(service_id, ([], []))
+    i = bisect_right(starts, at)
+    return None if i == 0 else round_money(quantity * table[i - 1] * multiplier)
+
+
+def spool_publisher(spool_dir: Path) -> Publisher:
+    """Into the spool, as ``openacct publish`` does: the relay ships it with the hooks' events."""
+    def publish(events: list[tuple[str, bytes]]) -> None:
+        for event_id, raw in events:
+            spool.write(spool_dir, event_id, raw)
+
+    return publish
