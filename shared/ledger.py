@@ -745,6 +745,21 @@ def settle_holds(session: Session, job_ids: Iterable[int], *, actor: str = "") -
                          description="job ended: its charge replaces the hold", actor=actor)
 
 
+def release_requeued_holds(session: Session, runs: Iterable[tuple[int, dt.datetime]], *,
+                           actor: str = "") -> list[LedgerTransaction]:
+    """Release what was held for runs that ended in a requeue, (job, when): Slurm charges none
+    of it and runs the job again, which holds anew. Only holds placed by then: a later one is
+    the next run's."""
+    runs = sorted(set(runs))
+    if not runs:
+        return []
+    placed = select(LedgerTransaction.id).where(LedgerTransaction.kind == "hold", or_(*(
+        and_(LedgerTransaction.job_id == job_id, LedgerTransaction.effective_at <= at) for job_id, at in runs)))
+    condition = and_(bulk.any_of(OpenHold.job_id, [job_id for job_id, _ in runs]), OpenHold.hold_id.in_(placed))
+    return _release_open(session, condition, key_prefix="requeue", actor=actor,
+                         description="job requeued: its next run holds anew")
+
+
 def expire_holds(session: Session, at: dt.datetime | None = None, *, account_ids: Sequence[int] | None = None) -> list[LedgerTransaction]:
     """Release the holds past their expiry: jobs that never reported back."""
     at = at or now()
@@ -978,5 +993,5 @@ def verify(session: Session) -> list[Mismatch]:
 
 __all__ = [
     "Balance", "Mismatch", "account_balance", "adjust", "charge", "deposit", "expire_holds", "hold",
-    "project_balance", "rate_at", "refund", "refundable", "release", "settle_holds", "transfer", "verify",
+    "project_balance", "rate_at", "refund", "refundable", "release", "release_requeued_holds", "settle_holds", "transfer", "verify",
 ]

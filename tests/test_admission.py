@@ -165,6 +165,33 @@ def test_the_jobs_charge_releases_its_hold_in_the_same_transaction() -> None:
     assert verify() == []
 
 
+def test_a_requeued_runs_hold_is_released_by_its_pending_record_and_the_next_runs_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    deposit("phys", "10", start="2000-01-01")
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    first_start, requeued_at = now - dt.timedelta(minutes=10), now - dt.timedelta(minutes=5)
+    monkeypatch.setattr(ledger, "now", lambda: first_start)
+    assert ask(request(30, start=first_start)).held == COST
+    monkeypatch.undo()
+    # The next run, on the same row (same submit time), asks before the first run's record arrives.
+    assert ask(request(30, start=first_start, restart=1)).held == COST
+    assert held() == 2 * COST
+    # jobcomp's record of the first run: PENDING, from its submit time to the requeue.
+    pending = job_completed(30, cpus=6, seconds=300, end=requeued_at, state="PENDING",
+                            submit_time=(first_start - dt.timedelta(minutes=1)).isoformat())
+    with session_scope() as s:
+        charge_events(s, [raw(pending).decode()])
+        charge_events(s, [raw(pending).decode()])  # again: nothing more to release
+    assert held() == COST  # the first run's hold is gone, the running one's is kept
+    with session_scope() as s:
+        [release] = s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "release")).all()
+        [kept] = s.scalars(select(OpenHold)).all()
+        assert release.refers_to_id != kept.hold_id and release.refers_to_id in {h.id for h in holds()}
+        assert s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "charge")).all() == []
+    assert verify() == []
+
+
 def test_a_hold_whose_job_never_reports_back_expires_after_the_grace_period() -> None:
     deposit("phys", "1", start="2000-01-01")
     deposit("chem", "1", start="2000-01-01")

@@ -30,6 +30,8 @@ HOUR = Decimal(3600)
 QUANTITY = Decimal("0.000001")
 # States that are not the end of a run: nothing to charge.
 NOT_FINISHED = {"PENDING", "RUNNING", "REQUEUED", "SUSPENDED"}
+# jobcomp's record of a run that Slurm requeued (the next run has its own record).
+REQUEUED = {"PENDING", "REQUEUED"}
 RESOURCE_COUNT = {"cpu": "cpus", "gpu": "gpus", "node": "node_count"}
 
 
@@ -101,6 +103,9 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
         raise RuntimeError(f"ledger refused charges: {result.refused}")
     outcome.transactions = len(result.transactions)
     ledger.settle_holds(session, ended, actor="charger")  # admission's holds give way to the charges
+    ledger.release_requeued_holds(session, [
+        (job_ids[job_key(p.job)], p.event.end_time) for p in plans  # type: ignore[union-attr]
+        if not p.final and isinstance(p.event, JobCompleted) and p.event.state in REQUEUED], actor="charger")
     _refund_by_state(session, [r for r in requests if r.details["state"] in settings.refund_states],
                      result, settings.refund_states)
     outcome.parked = park(session, parked)
