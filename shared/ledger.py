@@ -51,6 +51,7 @@ from shared.money import money_str, parse_money, round_money
 from shared.timestamps import CLOCK_SKEW
 
 ZERO = Decimal(0)
+SECOND = dt.timedelta(seconds=1)
 
 
 def now() -> dt.datetime:
@@ -637,11 +638,14 @@ def hold(
     description: str = "",
     details: dict[str, Any] | None = None,
     actor: str = "",
+    new_run: bool = False,
 ) -> LedgerTransaction | None:
     """Set money aside for work about to run. When it would take the account below what
     ``limit`` allows it is refused (``InsufficientFunds``), or, with ``fit``, cut to what does
     fit (None when nothing does). A hold still open at ``expires_at`` is released by
-    ``expire_holds``, or by the account's next hold, whichever comes first."""
+    ``expire_holds``, or by the account's next hold, whichever comes first. With ``new_run``,
+    ``job`` is starting again (a requeue): what its earlier runs still hold is released first,
+    since a scheduler's job id names one live job at a time."""
     amount = parse_money(amount, "hold amount")
     if limit not in HOLD_LIMITS:
         raise InvalidInput(f"hold limit {limit!r} is not one of {', '.join(HOLD_LIMITS)}")
@@ -656,6 +660,8 @@ def hold(
     if (done := _lock_then_replay(session, key, digest, account)) is not None:
         return done
     expire_holds(session, at, account_ids=[account.id])
+    if new_run and job is not None:
+        _release_earlier_runs(session, job)
     if limit != "none":
         balance = account_balance(session, account, at)
         room = balance.available + (balance.credit_limit if limit == "credit" else ZERO)
@@ -745,16 +751,23 @@ def settle_holds(session: Session, job_ids: Iterable[int], *, actor: str = "") -
                          description="job ended: its charge replaces the hold", actor=actor)
 
 
+def _release_earlier_runs(session: Session, job: Job) -> None:
+    same_job = select(Job.id).where(Job.system_id == job.system_id, Job.job_id == job.job_id,
+                                    Job.array_task_id.is_not_distinct_from(job.array_task_id))
+    _release_open(session, OpenHold.job_id.in_(same_job), key_prefix="rerun", actor="ledger",
+                  description=f"job {job.job_id} runs again: this run's hold gives way to the next's")
+
+
 def release_requeued_holds(session: Session, runs: Iterable[tuple[int, dt.datetime]], *,
                            actor: str = "") -> list[LedgerTransaction]:
     """Release what was held for runs that ended in a requeue, (job, when): Slurm charges none
     of it and runs the job again, which holds anew. Only holds placed by then: a later one is
-    the next run's."""
+    the next run's (Slurm's times are whole seconds, hence the one of slack)."""
     runs = sorted(set(runs))
     if not runs:
         return []
     placed = select(LedgerTransaction.id).where(LedgerTransaction.kind == "hold", or_(*(
-        and_(LedgerTransaction.job_id == job_id, LedgerTransaction.effective_at <= at) for job_id, at in runs)))
+        and_(LedgerTransaction.job_id == job_id, LedgerTransaction.effective_at < at + SECOND) for job_id, at in runs)))
     condition = and_(bulk.any_of(OpenHold.job_id, [job_id for job_id, _ in runs]), OpenHold.hold_id.in_(placed))
     return _release_open(session, condition, key_prefix="requeue", actor=actor,
                          description="job requeued: its next run holds anew")

@@ -83,13 +83,14 @@ def test_a_funded_job_holds_its_most_cost_linked_to_its_job() -> None:
     assert (b.held, b.available) == (COST, D("0.70"))
 
 
-def test_the_same_run_asked_twice_holds_once_and_a_restart_holds_again() -> None:
+def test_the_same_run_asked_twice_holds_once_and_a_restart_holds_in_its_place() -> None:
     deposit("phys", "1", start="2000-01-01")
     start = dt.datetime.now(UTC).replace(microsecond=0)
     first, again = ask(request(3, start=start)), ask(request(3, start=start))
     assert first.hold_id == again.hold_id and held() == COST
-    ask(request(3, start=start, restart=1))
-    assert held() == 2 * COST
+    restarted = ask(request(3, start=start, restart=1))
+    assert restarted.hold_id != first.hold_id and held() == COST
+    assert len(holds()) == 2
 
 
 def test_two_jobs_that_together_exceed_the_balance_the_second_is_refused_under_reject() -> None:
@@ -165,29 +166,52 @@ def test_the_jobs_charge_releases_its_hold_in_the_same_transaction() -> None:
     assert verify() == []
 
 
-def test_a_requeued_runs_hold_is_released_by_its_pending_record_and_the_next_runs_is_kept(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    deposit("phys", "10", start="2000-01-01")
+def releases() -> list[LedgerTransaction]:
+    with session_scope() as s:
+        return list(s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "release")
+                              .order_by(LedgerTransaction.id)))
+
+
+def pending_record(job: int, start: dt.datetime, requeued_at: dt.datetime) -> str:
+    """jobcomp's record of a run that Slurm requeued: PENDING, from its start to the requeue."""
+    return raw(job_completed(job, cpus=6, seconds=int((requeued_at - start).total_seconds()), end=requeued_at,
+                             state="PENDING")).decode()
+
+
+def test_a_requeued_job_asking_again_gives_back_what_its_earlier_run_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    deposit("phys", "0.40", start="2000-01-01")  # one run's 0.30, not two
     now = dt.datetime.now(UTC).replace(microsecond=0)
     first_start, requeued_at = now - dt.timedelta(minutes=10), now - dt.timedelta(minutes=5)
     monkeypatch.setattr(ledger, "now", lambda: first_start)
     assert ask(request(30, start=first_start)).held == COST
     monkeypatch.undo()
-    # The next run, on the same row (same submit time), asks before the first run's record arrives.
-    assert ask(request(30, start=first_start, restart=1)).held == COST
-    assert held() == 2 * COST
-    # jobcomp's record of the first run: PENDING, from its submit time to the requeue.
-    pending = job_completed(30, cpus=6, seconds=300, end=requeued_at, state="PENDING",
-                            submit_time=(first_start - dt.timedelta(minutes=1)).isoformat())
+    # The next run asks before the first run's record arrives (the pipeline may be down): it is
+    # admitted, holding its own 0.30 in place of the first run's.
+    second = ask(request(30, start=first_start, restart=1))
+    assert second.admit and second.held == COST and held() == COST
+    [rerun] = releases()
+    assert rerun.refers_to_id == holds()[0].id
+    with session_scope() as s:  # the first run's record, late: the running one's hold stays
+        charge_events(s, [pending_record(30, first_start, requeued_at)])
+    assert held() == COST and len(releases()) == 1
+    assert verify() == []
+
+
+def test_the_record_of_a_requeued_run_gives_back_its_hold() -> None:
+    deposit("phys", "10", start="2000-01-01")
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=10)
+    assert ask(request(31, start=start)).held == COST
+    # Requeued at once (and then, say, cancelled while pending: no next run asks), in the second
+    # the hold was placed in: Slurm's times are whole seconds, so the record says earlier.
+    requeued_at = dt.datetime.now(UTC).replace(microsecond=0)
     with session_scope() as s:
-        charge_events(s, [raw(pending).decode()])
-        charge_events(s, [raw(pending).decode()])  # again: nothing more to release
-    assert held() == COST  # the first run's hold is gone, the running one's is kept
+        charge_events(s, [pending_record(31, start, requeued_at)])
+        charge_events(s, [pending_record(31, start, requeued_at)])  # again: nothing more
+    assert held() == 0
+    [release] = releases()
+    assert release.refers_to_id == holds()[0].id
     with session_scope() as s:
-        [release] = s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "release")).all()
-        [kept] = s.scalars(select(OpenHold)).all()
-        assert release.refers_to_id != kept.hold_id and release.refers_to_id in {h.id for h in holds()}
+        assert s.scalars(select(OpenHold)).all() == []
         assert s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "charge")).all() == []
     assert verify() == []
 

@@ -101,7 +101,7 @@ def decide(session: Session, request: AdmissionRequest, settings: Settings) -> D
     try:
         held = ledger.hold(
             session, account, priced.total, job=job, limit=limit, fit=fit, expires_at=expires,
-            key=f"hold/{request.run_key}", actor="admission",
+            key=f"hold/{request.run_key}", actor="admission", new_run=True,
             description=f"job {request.job_id}: {minutes} min limit", details={"cost": money_str(priced.total)},
         ) if priced.total > 0 else None
     except InsufficientFunds:

@@ -134,6 +134,43 @@ def test_two_jobs_that_together_exceed_the_balance_the_second_waits(
     assert [h.amount for h in holds(lab)] == [MOST]
 
 
+def test_a_requeued_job_holds_again_for_its_next_run_in_place_of_the_first(
+    lab: Engine, slurm: Slurm, admission: Path, redis: RedisServer, tmp_path: Path, slurm_spool: Path
+) -> None:
+    from openacct import shortcuts as oa
+
+    with db.session_scope():
+        oa.deposit("poor", "1", start="2000-01-01")
+    script = 'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then sleep 120; else sleep 1; fi'
+    job = slurm.submit(POOR, "-t", "2", "--requeue", "--wrap", script)
+    processes = start_pipeline(pipeline_env(redis.url, slurm_spool), tmp_path)
+    try:
+        slurm.wait_for_state(job, "RUNNING")
+        assert balance("poor").held == MOST
+        slurm.run("scontrol", "requeue", job)
+
+        def runs_again() -> bool:  # past the requeue's delay at once, once Slurm lets it be updated
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            return slurm.job_state(job) in ("RUNNING", "COMPLETED")
+
+        wait_for(runs_again, 60, "the requeued job to run again", interval=1)
+        [record] = slurm.sacct_jobs([job], timeout=120)
+        assert record["State"] == "COMPLETED"
+        wait_until_recorded(lab, [record], slurm_spool)
+        wait_for(lambda: balance("poor").held == 0 and len(holds(lab, "release")) == 2, 30,
+                 "the next run and its charge to release both holds")
+    finally:
+        for process in processes:
+            process.stop()
+    first, second = holds(lab)
+    assert first.amount == second.amount == MOST
+    assert sorted(r.refers_to_id for r in holds(lab, "release")) == [first.id, second.id]
+    assert prolog_runs(slurm, job) == [0, 0]
+    assert_charged_as_sacct_says(lab, [record])  # the last run, as sacct says; the requeued one not
+    with Session(lab) as s:
+        assert s.scalars(select(OpenHold)).all() == []
+
+
 def test_the_prolog_fails_open_or_closed_as_configured_when_the_service_is_down(
     lab: Engine, slurm: Slurm, admission: Path
 ) -> None:
