@@ -14,6 +14,7 @@ from sqlalchemy import select
 from openacct.shortcuts import balance, deposit, get_account, get_system
 from services.admission.decide import AdmissionRequest, decide
 from services.charger.batch import charge_events
+from services.reporter import alerts
 from shared import ledger
 from shared.config import Settings
 from shared.db import session_scope
@@ -122,6 +123,9 @@ def test_notify_starts_the_job_and_holds_all_of_it_past_the_credit_limit() -> No
     second = ask(request(11))
     assert (second.admit, second.policy, second.held) == (True, "notify", COST)
     assert "cannot cover this job" in second.reason and balance("phys").available == D("-0.10")
+    with session_scope() as s:  # the notice: the PI's low-balance alert, on the reporter's next run
+        [alert] = [a for a in alerts.due(s, Settings()) if a.project == "phys"]
+    assert alert.kind == "low_balance" and "used 120% of its allocations (threshold 100%)" in alert.message
 
 
 def test_an_accounts_policy_wins_over_its_systems_and_the_systems_over_the_sites() -> None:
