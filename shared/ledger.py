@@ -638,14 +638,11 @@ def hold(
     description: str = "",
     details: dict[str, Any] | None = None,
     actor: str = "",
-    new_run: bool = False,
 ) -> LedgerTransaction | None:
     """Set money aside for work about to run. When it would take the account below what
     ``limit`` allows it is refused (``InsufficientFunds``), or, with ``fit``, cut to what does
     fit (None when nothing does). A hold still open at ``expires_at`` is released by
-    ``expire_holds``, or by the account's next hold, whichever comes first. With ``new_run``,
-    ``job`` is starting again (a requeue): what its earlier runs still hold is released first,
-    since a scheduler's job id names one live job at a time."""
+    ``expire_holds``, or by the account's next hold, whichever comes first."""
     amount = parse_money(amount, "hold amount")
     if limit not in HOLD_LIMITS:
         raise InvalidInput(f"hold limit {limit!r} is not one of {', '.join(HOLD_LIMITS)}")
@@ -660,8 +657,6 @@ def hold(
     if (done := _lock_then_replay(session, key, digest, account)) is not None:
         return done
     expire_holds(session, at, account_ids=[account.id])
-    if new_run and job is not None:
-        _release_earlier_runs(session, job)
     if limit != "none":
         balance = account_balance(session, account, at)
         room = balance.available + (balance.credit_limit if limit == "credit" else ZERO)
@@ -751,11 +746,17 @@ def settle_holds(session: Session, job_ids: Iterable[int], *, actor: str = "") -
                          description="job ended: its charge replaces the hold", actor=actor)
 
 
-def _release_earlier_runs(session: Session, job: Job) -> None:
-    same_job = select(Job.id).where(Job.system_id == job.system_id, Job.job_id == job.job_id,
-                                    Job.array_task_id.is_not_distinct_from(job.array_task_id))
-    _release_open(session, OpenHold.job_id.in_(same_job), key_prefix="rerun", actor="ledger",
-                  description=f"job {job.job_id} runs again: this run's hold gives way to the next's")
+def release_earlier_runs(session: Session, system_id: int, job_id: str, array_task_id: int | None, *,
+                         keep: str, actor: str = "") -> list[LedgerTransaction]:
+    """A job starting again (a requeue) gives back what its earlier runs still hold: a
+    scheduler's job id names one live job at a time. ``keep`` is the key of this run's hold,
+    which a repeated request for the same run must find in place."""
+    same_job = select(Job.id).where(Job.system_id == system_id, Job.job_id == job_id,
+                                    Job.array_task_id.is_not_distinct_from(array_task_id))
+    others = select(LedgerTransaction.id).where(LedgerTransaction.idempotency_key == keep)
+    return _release_open(session, and_(OpenHold.job_id.in_(same_job), OpenHold.hold_id.not_in(others)),
+                         key_prefix="rerun", actor=actor,
+                         description=f"job {job_id} runs again: the next run holds in place of this one")
 
 
 def release_requeued_holds(session: Session, runs: Iterable[tuple[int, dt.datetime]], *,
@@ -1006,5 +1007,5 @@ def verify(session: Session) -> list[Mismatch]:
 
 __all__ = [
     "Balance", "Mismatch", "account_balance", "adjust", "charge", "deposit", "expire_holds", "hold",
-    "project_balance", "rate_at", "refund", "refundable", "release", "release_requeued_holds", "settle_holds", "transfer", "verify",
+    "project_balance", "rate_at", "refund", "refundable", "release", "release_earlier_runs", "release_requeued_holds", "settle_holds", "transfer", "verify",
 ]

@@ -48,7 +48,9 @@ def check(env: Mapping[str, str], started: dict[str, object], settings: HookSett
     try:
         job = _from_squeue(env, started, settings.slurm_bin_dir, deadline)
         submit = int(job.pop("submit_epoch"))  # type: ignore[call-overload]
-        verb, why = _ask(settings.admission_socket, {**_request(started, now), **job}, deadline)
+        answer_by_ms = int((time.time() + deadline - time.monotonic()) * 1000)
+        verb, why = _ask(settings.admission_socket, {**_request(started, now), **job, "answer_by_ms": answer_by_ms},
+                         deadline)
     except (NoDecision, BadInput) as exc:
         return Verdict(*failed(settings, str(exc)), submit)
     finally:

@@ -24,7 +24,7 @@ from typing import Annotated
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.orm import Session
 
-from services.charger.directory import Unresolved, system_named
+from services.charger.directory import Directory, Unresolved
 from services.charger.quote import Quote, quote
 from shared import ledger
 from shared.config import Settings
@@ -60,6 +60,9 @@ class AdmissionRequest(BaseModel):
     nodes: Count = 0
     node_list: Annotated[str, StringConstraints(max_length=65536)] | None = None
     time_limit_minutes: Annotated[int, Field(ge=1, le=400 * 24 * 60, strict=True)] | None = None
+    # Epoch milliseconds after which the prolog no longer waits (it decided by itself): a
+    # decision later than that is not committed.
+    answer_by_ms: Annotated[int, Field(gt=0, strict=True)] | None = None
 
     @property
     def run_key(self) -> str:
@@ -90,34 +93,56 @@ def decide(session: Session, request: AdmissionRequest, settings: Settings) -> D
                        qos=request.qos, user=request.user, at=request.start_time)
     except Unresolved as exc:
         # The charger would park this job's charge: under reject it does not run unpaid.
-        found = system_named(session, request.system)
-        policy = _policy(None, session.get(System, found.id) if found else None, settings)
+        policy = _policy(*_account_and_system(session, request), settings)
         return Decision(policy != "reject", policy, f"OpenAcct cannot charge this job: {exc}")
     account = session.get_one(Account, priced.account_id)
     policy = _policy(account, session.get(System, priced.system_id), settings)
-    job = _record_job(session, request, priced, minutes)
+    key = f"hold/{request.run_key}"
+    # Whatever this job's earlier runs hold is theirs no longer, admitted or not this time.
+    ledger.release_earlier_runs(session, priced.system_id, request.job_id, request.array_task_id, keep=key,
+                                actor="admission")
     expires = request.start_time + dt.timedelta(minutes=minutes, seconds=settings.hold_grace)
     limit, fit = {"reject": ("credit", False), "allow": ("credit", True), "notify": ("none", False)}[policy]
+    refused = session.begin_nested()  # a job that does not start leaves no row behind
+    job = _record_job(session, request, priced, minutes)
     try:
         held = ledger.hold(
-            session, account, priced.total, job=job, limit=limit, fit=fit, expires_at=expires,
-            key=f"hold/{request.run_key}", actor="admission", new_run=True,
-            description=f"job {request.job_id}: {minutes} min limit", details={"cost": money_str(priced.total)},
+            session, account, priced.total, job=job, limit=limit, fit=fit, expires_at=expires, key=key,
+            actor="admission", description=f"job {request.job_id}: {minutes} min limit",
+            details={"cost": money_str(priced.total)},
         ) if priced.total > 0 else None
     except InsufficientFunds:
+        refused.rollback()
+        log.info("job %s: %s", request.job_id, _short(priced, minutes, amounts=True))
         return Decision(False, policy, _short(priced, minutes), priced.total)
+    refused.commit()
     amount = held.amount if held is not None else Decimal(0)
     reason = f"held {money_str(amount)} of {account.name!r} for at most {minutes} min"
     if amount < priced.total or priced.total > priced.available + priced.credit_limit:
+        log.warning("job %s: %s; started under policy %s, %s", request.job_id, _short(priced, minutes, amounts=True),
+                    policy, reason)
         reason = f"{_short(priced, minutes)}; started under policy {policy}, {reason}"
-        log.warning("job %s: %s", request.job_id, reason)
     return Decision(True, policy, reason, priced.total, amount, held.id if held is not None else None)
 
 
-def _short(priced: Quote, minutes: int) -> str:
-    return (f"account {priced.account!r} cannot cover this job: at most {money_str(priced.total)} "
-            f"({minutes} min limit), {money_str(priced.available)} available, credit limit "
-            f"{money_str(priced.credit_limit)}")
+def _short(priced: Quote, minutes: int, *, amounts: bool = False) -> str:
+    """Why the account falls short. Users read it in the job's AdminComment, which every cluster
+    user may be able to see: the account's balance only goes to the log (``amounts``)."""
+    said = (f"account {priced.account!r} cannot cover this job: it may cost up to {money_str(priced.total)} "
+            f"({minutes} min limit)")
+    if amounts:
+        said += f", {money_str(priced.available)} available, credit limit {money_str(priced.credit_limit)}"
+    return said
+
+
+def _account_and_system(session: Session, request: AdmissionRequest) -> tuple[Account | None, System | None]:
+    """The job's account (by name, project or alias) and system as far as they are known."""
+    directory = Directory.load(session, [request])
+    found = directory.systems.get(request.system)
+    if found is None:
+        return None, None
+    named = directory.accounts.get((found.id, request.account or ""))
+    return (session.get(Account, named.id) if named else None), session.get(System, found.id)
 
 
 def _policy(account: Account | None, system: System | None, settings: Settings) -> str:

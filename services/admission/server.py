@@ -19,6 +19,7 @@ import os
 import socket
 import socketserver
 import struct
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -27,10 +28,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from services.admission.decide import AdmissionRequest, decide
 from shared.config import Settings
 from shared.db import session_scope
+from shared.errors import OpenAcctError
 
 log = logging.getLogger("openacct.admission")
 MAX_REQUEST = 64 * 1024
 READ_TIMEOUT = 10.0  # a client that connects and says nothing does not keep a thread for long
+
+
+class _TooLate(Exception):
+    pass
 
 
 def answer(line: bytes, settings: Settings) -> dict[str, object]:
@@ -42,9 +48,20 @@ def answer(line: bytes, settings: Settings) -> dict[str, object]:
     try:
         with session_scope() as session:
             decision = decide(session, request, settings)
+            if request.answer_by_ms is not None and time.time() * 1000 > request.answer_by_ms:
+                raise _TooLate  # rolls the hold back: the prolog has gone by what admission_on_error says
+    except _TooLate:
+        log.warning("job %s: decided after the prolog stopped waiting; nothing held", request.job_id)
+        return {"error": "decided too late"}
     except SQLAlchemyError as exc:
         log.error("job %s: no decision, database error: %s", request.job_id, type(exc).__name__)
         return {"error": f"database error: {type(exc).__name__}"}
+    except OpenAcctError as exc:  # a service without a rate yet, a run asked again at another price, ...
+        log.error("job %s: no decision: %s", request.job_id, exc)
+        return {"error": str(exc)}
+    except Exception:
+        log.exception("job %s: no decision", request.job_id)
+        return {"error": "internal error in the admission service (its log says more)"}
     log.info("job %s of %s: %s (%s)", request.job_id, request.account, "admit" if decision.admit else "reject",
              decision.reason)
     return decision.as_dict()

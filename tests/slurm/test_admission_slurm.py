@@ -88,7 +88,7 @@ def test_a_job_its_account_cannot_pay_does_not_start_until_money_comes(
     info = slurm.scontrol_job(job)
     assert info is not None and info["JobState"] == "PENDING", info
     assert info["Reason"] == "BeginTime"  # Slurm requeued it, to try again a little later
-    assert "account poor cannot cover this job: at most 0.00041 (2 min limit), 0.00 available" in info["AdminComment"]
+    assert "account poor cannot cover this job: it may cost up to 0.00041 (2 min limit)" in info["AdminComment"]
     assert holds(lab) == [] and balance("poor").held == 0
 
     from openacct import shortcuts as oa
