@@ -8,9 +8,9 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from openacct.shortcuts import deposit
 from sqlalchemy import select, update
 
+from openacct.shortcuts import deposit
 from services.admission.server import AdmissionServer, answer
 from shared.config import Settings
 from shared.db import session_scope
