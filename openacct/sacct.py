@@ -66,6 +66,10 @@ class Record:
         """The record as the jobcomp/script environment of the same job."""
         f = self.fields
         array_job, _, task = f["JobID"].partition("_")
+        if task.startswith("["):
+            # The tasks of an array that never started, cancelled together ("123_[4-10]"): one
+            # record, as jobcomp's of the array job, which used nothing.
+            task = ""
         allocated = f["NodeList"] not in NEVER_ALLOCATED
         start, end = _epoch(f["Start"]), _epoch(f["End"])
         if not allocated and start is None:
@@ -126,9 +130,14 @@ def parse(text: str, delimiter: str = "|") -> tuple[list[Record], list[str]]:
 
 
 def sacct_path() -> str:
-    found = shutil.which("sacct")
+    """sacct on PATH, else in ``slurm_bin_dir`` (a service's PATH may be short)."""
+    from shared.config import get_settings
+
+    bin_dir = get_settings().slurm_bin_dir
+    found = shutil.which("sacct") or shutil.which("sacct", path=bin_dir)
     if found is None:
-        raise SacctUnavailable("sacct is not on PATH: run this where Slurm's client tools are and slurmdbd answers")
+        raise SacctUnavailable(f"sacct is neither on PATH nor in slurm_bin_dir ({bin_dir}): run this where "
+                               "Slurm's client tools are and slurmdbd answers")
     return found
 
 

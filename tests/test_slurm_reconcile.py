@@ -29,6 +29,7 @@ from openacct.hooks.job_event import encode, job_event
 from openacct.sacct import FIELDS, parse
 from openacct.slurm_reconcile import reconcile
 from services.charger.batch import charge_events
+from shared import config
 from shared.db import session_scope
 from shared.models import LedgerTransaction, ParkedEvent
 
@@ -123,6 +124,14 @@ def test_a_job_name_cannot_forge_a_record() -> None:
     found, unreadable = parse(line + "\n", delimiter)
     assert [(r.fields["JobIDRaw"], r.fields["JobName"]) for r in found] == [("1", f"x\n{forged}")]
     assert unreadable == []
+
+
+def test_the_never_started_tasks_of_an_array_cancelled_together_are_one_job_that_used_nothing() -> None:
+    [pending] = [r for r in records() if r.fields["JobID"] == "6"]  # cancelled while pending
+    tasks = sacct.Record({**pending.fields, "JobIDRaw": "40", "JobID": "40_[4-10]"}, 1)
+    event = slurm.jobcomp_event(tasks.jobcomp_env(), NOW, None, source="slurm-reconcile")
+    assert (event["job_id"], event.get("array_task_id"), event["cpus"]) == ("40", None, 0)
+    assert event["start_time"] == event["end_time"]
 
 
 def test_lines_that_are_no_record_are_reported() -> None:
@@ -288,9 +297,12 @@ def test_bad_input_is_one_line(cli, args: tuple[str, ...], code: int, message: s
 @pytest.mark.usefixtures("recon")
 def test_without_sacct_the_command_says_so(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("PATH", str(tmp_path))
+    settings = config.get_settings().model_copy(update={"slurm_bin_dir": str(tmp_path)})
+    monkeypatch.setattr(config, "get_settings", lambda: settings)
     result = cli("slurm", "reconcile", "--since", "2026-12-04")
     assert result.code == 3 and result.err.strip() == (
-        "error: sacct is not on PATH: run this where Slurm's client tools are and slurmdbd answers")
+        f"error: sacct is neither on PATH nor in slurm_bin_dir ({tmp_path}): run this where Slurm's client "
+        "tools are and slurmdbd answers")
 
 
 @pytest.mark.usefixtures("recon")
