@@ -18,6 +18,7 @@ time:
 from __future__ import annotations
 
 import datetime as dt
+import json
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -37,6 +38,7 @@ from services.charger.directory import Directory, Unresolved, system_named
 from services.refunder.rerate import _referring_sums
 from shared import bulk, ledger, spool
 from shared.config import get_settings
+from shared.event_id import job_event_id
 from shared.events import EventRejected, JobCompleted, parse_event
 from shared.models import Job, LedgerTransaction, ParkedEvent
 from shared.money import round_money
@@ -98,10 +100,10 @@ def reconcile(session: Session, records: Iterable[Record], unreadable: Iterable[
     ``publish`` is None (a dry run)."""
     candidates, result = events(records, now, get_settings().default_system)
     result.findings += [Finding("-", "invalid", note=line) for line in unreadable]
-    result.findings += compare(session, candidates)
+    found, raw = compare(session, candidates)
+    result.findings += found
     missing = [f for f in result.findings if f.status == "missing"]
     if publish is not None and missing:
-        raw = {c.event.event_id: c.raw for c in candidates}
         publish([(f.event_id, raw[f.event_id]) for f in missing])  # type: ignore[index]
         for finding in missing:
             finding.status = "published"
@@ -128,27 +130,51 @@ def events(records: Iterable[Record], now: int, default_system: str | None) -> t
     return list(candidates.values()), result
 
 
-def compare(session: Session, candidates: list[_Candidate]) -> list[Finding]:
+def compare(session: Session, candidates: list[_Candidate]) -> tuple[list[Finding], dict[str, bytes]]:
+    """A finding per candidate, and the event each would be published as, by event id."""
     systems = {name: system_named(session, name) for name in {c.event.system for c in candidates}}
     rows = _jobs(session, {s.id for s in systems.values() if s is not None}, {c.event.job_id for c in candidates})
     parked = set(session.scalars(select(ParkedEvent.event_id).where(
         bulk.any_of(ParkedEvent.event_id, [c.event.event_id for c in candidates]), ParkedEvent.replayed_at.is_(None))))
     findings: list[Finding] = []
+    events: dict[str, bytes] = {}
     recorded: list[tuple[_Candidate, Job, Finding]] = []
     for c in candidates:
         e = c.event
+        system = systems[e.system]
+        row = None if system is None else _recorded(rows.get((system.id, e.job_id, e.array_task_id), []), e)
+        if row is not None and _keyed_by_start(row) and row.end_time is None:
+            c = _as_epilogs(c, row)  # noqa: PLW2901  (its epilog's event may still be on the way)
+            e = c.event
         finding = Finding(c.record.fields["JobID"], "missing", event_id=e.event_id, state=e.state, user=e.user,
                           account=e.account, end=e.end_time, cpus=e.cpus, gpus=c.record.gpus,
                           elapsed_seconds=int((e.end_time - (e.start_time or e.end_time)).total_seconds()))
         findings.append(finding)
-        system = systems[e.system]
-        row = None if system is None else _recorded(rows.get((system.id, e.job_id, e.array_task_id), []), e)
+        events[e.event_id] = c.raw
         if row is not None and row.end_time is not None:
             recorded.append((c, row, finding))
         elif e.event_id in parked:
             finding.status, finding.note = "parked", "its event is a dead letter: openacct deadletter list"
     _check_charges(session, recorded)
-    return findings
+    return findings, events
+
+
+def _keyed_by_start(row: Job) -> bool:
+    """A row the ctld hooks made without admission control: keyed by the prolog's clock."""
+    return row.start_time is not None and row.submit_time == row.start_time
+
+
+def _as_epilogs(c: _Candidate, row: Job) -> _Candidate:
+    """The event under the id EpilogSlurmctld gives this job (keyed by the start its prolog
+    recorded, not by the submit time), so that the epilog's own, should it still come, is
+    dropped as a repeat: sacct's times and state, the prolog's start."""
+    job = {**json.loads(c.raw), "submit_time": None, "start_time": row.start_time.isoformat()}
+    job["event_id"] = job_event_id("job.completed", c.event.system, c.event.job_id, c.event.array_task_id, None,
+                                   None, int(row.start_time.timestamp()))
+    raw = json.dumps(job).encode()
+    event = parse_event(raw)
+    assert isinstance(event, JobCompleted)
+    return _Candidate(c.record, event, raw)
 
 
 def _jobs(session: Session, system_ids: set[int], job_ids: set[str]) -> dict[tuple[Any, ...], list[Job]]:
@@ -200,9 +226,19 @@ def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Findi
         prices = [_price(rates, p["service_id"], c.event.end_time, p["quantity"], p["multiplier"]) for p in plan.charges]
         finding.expected = None if None in prices else sum(prices, Decimal(0))  # type: ignore[arg-type]
         same = finding.expected == finding.charged and finding.expected_quantity == finding.charged_quantity
+        if not same and _keyed_by_start(row) and _within_clock_slack(plan.charges, finding.charged_quantity):
+            same, finding.note = True, "charged by the ctld hooks' clocks, seconds off sacct's times"
         finding.status = "matches" if same else "differs"
         if finding.expected is None:
             finding.note = "no charge rate in effect at the job's end"
+
+
+def _within_clock_slack(planned: list[dict[str, Any]], charged: dict[str, Decimal]) -> bool:
+    """Whether each resource was charged for the time sacct says give or take START_SLACK: the
+    ctld hooks time a job by their own clocks, which may be a second or two off Slurm's."""
+    slack = Decimal(int(START_SLACK.total_seconds())) / 3600
+    return {p["details"]["resource"] for p in planned} == set(charged) and all(
+        abs(p["quantity"] - charged[p["details"]["resource"]]) <= p["details"]["count"] * slack for p in planned)
 
 
 def _price(rates: dict[int, tuple[list[dt.datetime], list[Decimal]]], service_id: int, at: dt.datetime,

@@ -235,6 +235,42 @@ def test_a_job_the_ctld_hooks_recorded_by_its_start_is_not_charged_again() -> No
     assert json.loads(hook_raw(ok))["event_id"] not in {event_id for event_id, _ in published}
 
 
+def ctld_events(env: dict[str, str], start_shift: int, end_shift: int) -> tuple[bytes, bytes]:
+    """The job.started and job.completed the ctld hooks give the job of jobcomp ``env``, by
+    their own clocks, ``start_shift`` and ``end_shift`` seconds off Slurm's."""
+    job = slurm.jobcomp_event(env, NOW, None)
+    keep = ("system", "job_id", "array_job_id", "array_task_id", "name", "user", "account", "partition",
+            "node_count", "node_list", "cpus")
+    started = {k: job[k] for k in keep} | {"qos": None, "start_time": int(env["START"]) + start_shift}
+    ended = started | {"end_time": int(env["END"]) + end_shift, "state": job["state"], "exit_code": job["exit_code"]}
+    return (encode(job_event("job.started", "slurm-prologctld", NOW, started)),
+            encode(job_event("job.completed", "slurm-epilogctld", NOW, ended)))
+
+
+@pytest.mark.usefixtures("recon")
+def test_a_job_whose_ctld_epilog_has_not_come_is_published_under_the_epilogs_id() -> None:
+    (two,) = [env for env in final_jobcomp() if env["JOBNAME"] == "two"]
+    started, ended = ctld_events(two, 1, 1)
+    charge([started])  # the prolog's event is in; the epilog's is still on its way
+    result, published = run_reconcile()
+    assert by_job(result)["4"] == "published"
+    [(event_id, raw_event)] = [(i, r) for i, r in published if json.loads(r)["job_id"] == "4"]
+    assert event_id == json.loads(ended)["event_id"] != json.loads(hook_raw(two))["event_id"]
+    charge([raw_event, ended])  # reconcile's, then the epilog's after all: charged once
+    with session_scope() as s:
+        assert len(s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "charge")).all()) == 1
+
+
+@pytest.mark.usefixtures("recon")
+def test_a_job_the_ctld_hooks_timed_a_few_seconds_off_sacct_matches() -> None:
+    (two,) = [env for env in final_jobcomp() if env["JOBNAME"] == "two"]
+    charge(list(ctld_events(two, 1, 3)))  # ran 2 s longer by the hooks' clocks
+    result, _ = run_reconcile()
+    [finding] = [f for f in result.findings if f.job == "4"]
+    assert finding.status == "matches" and "ctld hooks' clocks" in finding.note
+    assert finding.charged != finding.expected
+
+
 @pytest.mark.usefixtures("recon")
 def test_a_dry_run_publishes_nothing() -> None:
     result, published = run_reconcile(publish=False)
