@@ -140,8 +140,10 @@ def compare(session: Session, candidates: list[_Candidate]) -> tuple[list[Findin
     events: dict[str, bytes] = {}
     recorded: list[tuple[_Candidate, Job, Finding]] = []
     for c in candidates:
+        system = systems[c.event.system]
+        if system is not None and "gpu" in system.services and c.record.gpus and c.event.gpus is None:
+            c = _changed(c, gpus=c.record.gpus)  # noqa: PLW2901  (jobcomp knows no GPUs; sacct does)
         e = c.event
-        system = systems[e.system]
         row = None if system is None else _recorded(rows.get((system.id, e.job_id, e.array_task_id), []), e)
         if row is not None and _keyed_by_start(row) and row.end_time is None:
             c = _as_epilogs(c, row)  # noqa: PLW2901  (its epilog's event may still be on the way)
@@ -168,10 +170,14 @@ def _as_epilogs(c: _Candidate, row: Job) -> _Candidate:
     """The event under the id EpilogSlurmctld gives this job (keyed by the start its prolog
     recorded, not by the submit time), so that the epilog's own, should it still come, is
     dropped as a repeat: sacct's times and state, the prolog's start."""
-    job = {**json.loads(c.raw), "submit_time": None, "start_time": row.start_time.isoformat()}
-    job["event_id"] = job_event_id("job.completed", c.event.system, c.event.job_id, c.event.array_task_id, None,
-                                   None, int(row.start_time.timestamp()))
-    raw = json.dumps(job).encode()
+    assert row.start_time is not None
+    return _changed(c, submit_time=None, start_time=row.start_time.isoformat(), event_id=job_event_id(
+        "job.completed", c.event.system, c.event.job_id, c.event.array_task_id, None, None,
+        int(row.start_time.timestamp())))
+
+
+def _changed(c: _Candidate, **fields: object) -> _Candidate:
+    raw = json.dumps({**json.loads(c.raw), **fields}).encode()
     event = parse_event(raw)
     assert isinstance(event, JobCompleted)
     return _Candidate(c.record, event, raw)

@@ -225,6 +225,25 @@ def test_the_record_of_a_requeued_run_gives_back_its_hold() -> None:
     assert verify() == []
 
 
+def test_the_gpus_squeue_gave_at_the_start_are_held_and_then_charged() -> None:
+    from openacct.shortcuts import create_service, grant_service_access
+
+    gpu_hours = create_service("cluster-gpu-hours", system="cluster", units="gpu-hours", charge_rate="1")
+    grant_service_access(gpu_hours, project="phys")
+    deposit("phys", "10", start="2000-01-01")
+    end = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=1)
+    event = job_completed(21, cpus=6, seconds=1800, end=end)  # jobcomp's: no GPUs in it
+    req = AdmissionRequest(**{**request(21, start=dt.datetime.fromisoformat(event["start_time"])).model_dump(),
+                              "submit_time": dt.datetime.fromisoformat(event["submit_time"]), "gpus": 2})
+    assert ask(req).held == COST + 2  # 2 GPUs for the 60 min limit at 1 an hour
+    with session_scope() as s:
+        charge_events(s, [raw(event).decode()])
+        charged = {t.details["resource"]: (t.quantity, t.amount) for t in s.scalars(
+            select(LedgerTransaction).where(LedgerTransaction.kind == "charge"))}
+    assert charged == {"cpu": (D("3"), D("0.15")), "gpu": (D("1"), D("1"))}  # half an hour of each
+    assert held() == 0 and verify() == []
+
+
 def test_a_hold_whose_job_never_reports_back_expires_after_the_grace_period() -> None:
     deposit("phys", "1", start="2000-01-01")
     deposit("chem", "1", start="2000-01-01")

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from decimal import Decimal as D
 from pathlib import Path
 
 import pytest
@@ -269,6 +270,22 @@ def test_a_job_the_ctld_hooks_timed_a_few_seconds_off_sacct_matches() -> None:
     [finding] = [f for f in result.findings if f.job == "4"]
     assert finding.status == "matches" and "ctld hooks' clocks" in finding.note
     assert finding.charged != finding.expected
+
+
+@pytest.mark.usefixtures("recon")
+def test_where_gpus_are_charged_a_lost_jobs_gpus_come_from_sacct_and_a_hooks_charge_without_them_differs() -> None:
+    gpu_hours = shortcuts.create_service("recon-gpu-hours", system="recon", units="gpu-hours", charge_rate="3.6")
+    shortcuts.grant_service_access(gpu_hours, project="root")
+    shortcuts.grant_service_access(gpu_hours, project="phys")
+    (gpu1,) = [env for env in final_jobcomp() if env["JOBNAME"] == "gpu1"]
+    charge([hook_raw(gpu1)])  # jobcomp's record alone: no GPUs in it, and no prolog recorded any
+    result, published = run_reconcile()
+    [lost] = [json.loads(r) for _, r in published if json.loads(r)["job_id"] == "13"]
+    assert lost["gpus"] == 2 and lost["event_id"] == json.loads(hook_raw(
+        next(env for env in final_jobcomp() if env["JOBNAME"] == "gpu2")))["event_id"]
+    [short] = [f for f in result.findings if f.job == "14"]
+    assert short.status == "differs" and short.expected_quantity["gpu"] == D("0.000278")
+    assert "gpu" not in short.charged_quantity
 
 
 @pytest.mark.usefixtures("recon")

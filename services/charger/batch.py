@@ -54,6 +54,7 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
     fresh = [(e, raw) for e, raw in candidates if e.event_id not in seen]
     outcome.duplicates += len(candidates) - len(fresh)
     directory = Directory.load(session, (e for e, _ in fresh))
+    gpus_at_start = _gpus_at_start(session, directory, [e for e, _ in fresh])
     settings = get_settings()
     plans: list[Plan] = []
     planned: set[str] = set()
@@ -65,7 +66,8 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
             outcome.duplicates += 1
             continue
         try:
-            plans.append(_plan(session, directory, event, set(settings.free_states)))
+            plans.append(_plan(session, directory, event, set(settings.free_states),
+                               gpus_at_start.get(_gpu_key(directory, event))))
             planned.add(event.event_id)
         except Unresolved as exc:
             parked.append(Parked(raw, str(exc), event.event_id, event.kind, source))
@@ -128,7 +130,29 @@ def _refund_by_state(session: Session, requests: list[ledger.ChargeRequest], res
                           actor="charger", effective_at=txn.effective_at)
 
 
-def _plan(session: Session, directory: Directory, event: JobStarted | JobCompleted, free_states: set[str]) -> Plan:
+def _gpu_key(directory: Directory, event: JobStarted | JobCompleted) -> tuple[Any, ...] | None:
+    system = directory.systems.get(event.system)
+    if system is None or event.submit_time is None:
+        return None
+    return system.id, event.job_id, event.array_task_id, event.submit_time
+
+
+def _gpus_at_start(session: Session, directory: Directory,
+                   events: list[JobStarted | JobCompleted]) -> dict[tuple[Any, ...], int]:
+    """GPUs recorded at the start of the ended jobs whose event does not say (Slurm's jobcomp
+    record does not; the admission prolog learnt them from squeue), on systems that charge GPUs."""
+    keys = {key for e in events if isinstance(e, JobCompleted) and e.gpus is None
+            and (key := _gpu_key(directory, e)) is not None and "gpu" in directory.systems[e.system].services}
+    if not keys:
+        return {}
+    rows = session.execute(select(Job.system_id, Job.job_id, Job.array_task_id, Job.submit_time, Job.gpus).where(
+        bulk.any_of(Job.job_id, {k[1] for k in keys}), Job.gpus > 0))
+    return {key: gpus for *found, gpus in rows if (key := tuple(found)) in keys}
+
+
+def _plan(session: Session, directory: Directory, event: JobStarted | JobCompleted, free_states: set[str],
+          gpus_at_start: int | None = None) -> Plan:
+    """``gpus_at_start``: the job's GPUs as recorded when it started, where the event does not say."""
     system = directory.system(event.system)
     user_id = directory.user(system, event.user)
     account = directory.account(system, event.account)
@@ -178,7 +202,10 @@ def _plan(session: Session, directory: Directory, event: JobStarted | JobComplet
     partition_m = system.multipliers.get(("partition", event.partition or ""), Decimal(1))
     qos_m = system.multipliers.get(("qos", event.qos or ""), Decimal(1))
     for resource, attribute in RESOURCE_COUNT.items():
-        count = getattr(event, attribute) or 0
+        count = getattr(event, attribute)
+        if resource == "gpu" and count is None:
+            count = gpus_at_start
+        count = count or 0
         if resource == "node" and "node" not in system.services:
             continue  # node-hours are charged only where a center defines them
         if count <= 0:
