@@ -20,7 +20,7 @@ from services.admission.server import AdmissionServer
 from shared import db
 from shared.config import Settings
 from tests.pipeline import free_port
-from tests.test_hooks import OPENACCT, env_of
+from tests.test_hooks import OPENACCT, _environb, env_of, spooled
 
 TIMEOUT = 1.0
 # Process start, spooling and the verdict's line after the deadline: far less than this.
@@ -123,3 +123,21 @@ def test_with_the_database_unreachable_the_service_says_so_and_the_prolog_fails_
     assert returncode == code, stderr
     assert seconds < TIMEOUT + SLACK
     assert "no admission decision (database error: OperationalError)" in stderr
+
+
+def test_a_call_that_ignores_the_deadline_is_ended_by_the_alarm_and_the_start_still_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openacct.hooks import admission, run
+
+    (tmp_path / "openacct.toml").write_text("")
+    for name, value in {"CONFIG": str(tmp_path / "openacct.toml"), "SPOOL_DIR": str(tmp_path / "spool"),
+                        "DEFAULT_SYSTEM": "lab", "ADMISSION_SOCKET": str(tmp_path / "none.sock"),
+                        "ADMISSION_TIMEOUT": "0.3", "ADMISSION_ON_ERROR": "open"}.items():
+        monkeypatch.setenv(f"OPENACCT_{name}", value)
+    monkeypatch.setattr(admission, "_from_squeue", lambda *_: time.sleep(30))  # deaf to any deadline
+    began = time.monotonic()
+    code = run.run("slurm-prologctld", _environb(env_of("prologctld", "with-slurmdbd", SLURM_JOB_ID="2")))
+    assert code == 0 and time.monotonic() - began < 2  # the alarm at 0.3 + 0.5 s
+    [started] = spooled(tmp_path / "spool")
+    assert (started["kind"], started["job_id"]) == ("job.started", "2")

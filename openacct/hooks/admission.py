@@ -42,7 +42,7 @@ def check(env: Mapping[str, str], started: dict[str, object], settings: HookSett
     when squeue told it."""
     deadline = time.monotonic() + settings.admission_timeout
     # The alarm is the last resort: it fires a little after the deadline, if a call ignored it.
-    signal.signal(signal.SIGALRM, lambda *_: _give_up(settings))
+    signal.signal(signal.SIGALRM, _alarm(settings))
     signal.setitimer(signal.ITIMER_REAL, settings.admission_timeout + 0.5)
     submit = None
     try:
@@ -67,6 +67,17 @@ def failed(settings: HookSettings, why: str) -> tuple[bool, str]:
     verdict = "starts (admission_on_error = open)" if settings.admission_fails_open else \
         "does not start (admission_on_error = closed)"
     return settings.admission_fails_open, f"no admission decision ({why}); the job {verdict}"
+
+
+def _alarm(settings: HookSettings):  # type: ignore[no-untyped-def]
+    """The first alarm ends the check as a failure to decide, so that the job's start is still
+    recorded; should that be stuck too, a second one ends the process."""
+    def first(*_: object) -> None:
+        signal.signal(signal.SIGALRM, lambda *_: _give_up(settings))
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        raise NoDecision("the admission check ran past admission_timeout")
+
+    return first
 
 
 def _give_up(settings: HookSettings) -> None:
@@ -114,6 +125,9 @@ def _run(argv: list[str], deadline: float) -> str:
             if not chunk:
                 break
             output += chunk
+    except BaseException:  # the alarm, say: the child must not outlive the wait for it
+        os.kill(pid, signal.SIGKILL)
+        raise
     finally:
         os.close(read_end)
         status = os.waitpid(pid, 0)[1]
