@@ -401,13 +401,15 @@ def _conflict_message(key: str, txn_id: int) -> str:
             "details; use a new key for a new request")
 
 
-def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeResult:
+def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles: Sequence[int] = ()) -> ChargeResult:
     """Write many charges with a handful of statements: the charger's path, one call per batch.
 
     Each request is rated at its effective time and drawn on its account's allocations in
     force then, the one ending first first, in the order given; what no allocation covers is
     owed by the account. A key seen before with the same request is replayed, with another
-    request refused; nothing is written for either.
+    request refused; nothing is written for either. ``settles``: the jobs whose holds the
+    caller releases next in this transaction, whose accounts are locked with the charges'
+    (all in one order, or two batches could deadlock).
     """
     result = ChargeResult({}, {})
     if not requests:
@@ -465,7 +467,8 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest]) -> ChargeRe
             else:
                 result.refused[key] = _conflict_message(key, txn_id)
     account_ids = sorted({r.account_id for r, _, _ in todo if r.key in written})
-    _lock_accounts(session, *account_ids)
+    holding = session.scalars(select(OpenHold.account_id).where(bulk.any_of(OpenHold.job_id, settles))) if settles else []
+    _lock_accounts(session, *account_ids, *holding)
     buckets = _buckets(session, account_ids)
     entries = []
     totals: dict[tuple[int, int | None], Decimal] = defaultdict(lambda: ZERO)

@@ -98,16 +98,16 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
                     c["account_id"], c["service_id"], c["quantity"], c["multiplier"],
                     plan.job["user_id"], job_id, plan.event.end_time),  # type: ignore[union-attr]
             ))
-    result = ledger.charge_many(session, requests)
+    requeued = [(job_ids[job_key(p.job)], p.event.end_time) for p in plans  # type: ignore[union-attr]
+                if not p.final and isinstance(p.event, JobCompleted) and p.event.state in REQUEUED]
+    result = ledger.charge_many(session, requests, settles=ended + [job_id for job_id, _ in requeued])
     if result.refused:
         # The inbox claimed these events, so refusing now would lose them: abort the batch and
         # let the caller apply its events one by one.
         raise RuntimeError(f"ledger refused charges: {result.refused}")
     outcome.transactions = len(result.transactions)
     ledger.settle_holds(session, ended, actor="charger")  # admission's holds give way to the charges
-    ledger.release_requeued_holds(session, [
-        (job_ids[job_key(p.job)], p.event.end_time) for p in plans  # type: ignore[union-attr]
-        if not p.final and isinstance(p.event, JobCompleted) and p.event.state in REQUEUED], actor="charger")
+    ledger.release_requeued_holds(session, requeued, actor="charger")
     _refund_by_state(session, [r for r in requests if r.details["state"] in settings.refund_states],
                      result, settings.refund_states)
     outcome.parked = park(session, parked)
