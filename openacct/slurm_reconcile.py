@@ -46,6 +46,8 @@ from shared.money import round_money
 SOURCE = "slurm-reconcile"  # not part of the event id: the hook's and ours are one event
 # The ctld hooks key a job by the prolog's clock, which may be a second or two off Slurm's start.
 START_SLACK = dt.timedelta(seconds=60)
+# ...and time a job by their own clocks: a few seconds off Slurm's, no more.
+CLOCK_SLACK = dt.timedelta(seconds=5)
 UNRECONCILED = ("missing", "differs", "parked", "invalid")
 # (event id, raw event) pairs, to be applied as the hook's events are.
 Publisher = Callable[[list[tuple[str, bytes]]], None]
@@ -95,12 +97,14 @@ class _Candidate:
 
 
 def reconcile(session: Session, records: Iterable[Record], unreadable: Iterable[str] = (), *,
-              publish: Publisher | None, now: int) -> Reconciliation:
+              publish: Publisher | None, now: int, end_hook: str | None = None) -> Reconciliation:
     """Compare each ended job of ``records`` with the ledger; publish the missing ones unless
-    ``publish`` is None (a dry run)."""
-    candidates, result = events(records, now, get_settings().default_system)
+    ``publish`` is None (a dry run). ``end_hook`` (default: the ``slurm_end_hook`` setting) is
+    the hook whose event ids the missing are published under."""
+    settings = get_settings()
+    candidates, result = events(records, now, settings.default_system)
     result.findings += [Finding("-", "invalid", note=line) for line in unreadable]
-    found, raw = compare(session, candidates)
+    found, raw = compare(session, candidates, end_hook or settings.slurm_end_hook)
     result.findings += found
     missing = [f for f in result.findings if f.status == "missing"]
     if publish is not None and missing:
@@ -130,40 +134,43 @@ def events(records: Iterable[Record], now: int, default_system: str | None) -> t
     return list(candidates.values()), result
 
 
-def compare(session: Session, candidates: list[_Candidate]) -> tuple[list[Finding], dict[str, bytes]]:
+def compare(session: Session, candidates: list[_Candidate], end_hook: str = "jobcomp",
+            ) -> tuple[list[Finding], dict[str, bytes]]:
     """A finding per candidate, and the event each would be published as, by event id."""
     systems = {name: system_named(session, name) for name in {c.event.system for c in candidates}}
     rows = _jobs(session, {s.id for s in systems.values() if s is not None}, {c.event.job_id for c in candidates})
-    parked = set(session.scalars(select(ParkedEvent.event_id).where(
-        bulk.any_of(ParkedEvent.event_id, [c.event.event_id for c in candidates]), ParkedEvent.replayed_at.is_(None))))
     findings: list[Finding] = []
     events: dict[str, bytes] = {}
-    recorded: list[tuple[_Candidate, Job, Finding]] = []
+    recorded: list[tuple[_Candidate, Job, Finding, bool]] = []
     for c in candidates:
         system = systems[c.event.system]
-        if system is not None and "gpu" in system.services and c.record.gpus and c.event.gpus is None:
-            c = _changed(c, gpus=c.record.gpus)  # noqa: PLW2901  (jobcomp knows no GPUs; sacct does)
+        row, by_start = None, False
+        try:
+            if system is not None and "gpu" in system.services and c.record.gpus and c.event.gpus is None:
+                c = _changed(c, gpus=c.record.gpus)  # noqa: PLW2901  (jobcomp knows no GPUs; sacct does)
+            if system is not None:
+                row, by_start = _recorded(rows.get((system.id, c.event.job_id, c.event.array_task_id), []),
+                                          c.event, end_hook)
+            if row is not None and by_start and row.end_time is None:
+                c = _as_epilogs(c, row)  # noqa: PLW2901  (its epilog's event may still be on the way)
+        except EventRejected as exc:
+            findings.append(Finding(c.record.fields["JobID"], "invalid", state=c.record.state, note=str(exc)))
+            continue
         e = c.event
-        row = None if system is None else _recorded(rows.get((system.id, e.job_id, e.array_task_id), []), e)
-        if row is not None and _keyed_by_start(row) and row.end_time is None:
-            c = _as_epilogs(c, row)  # noqa: PLW2901  (its epilog's event may still be on the way)
-            e = c.event
         finding = Finding(c.record.fields["JobID"], "missing", event_id=e.event_id, state=e.state, user=e.user,
                           account=e.account, end=e.end_time, cpus=e.cpus, gpus=c.record.gpus,
                           elapsed_seconds=int((e.end_time - (e.start_time or e.end_time)).total_seconds()))
         findings.append(finding)
         events[e.event_id] = c.raw
         if row is not None and row.end_time is not None:
-            recorded.append((c, row, finding))
-        elif e.event_id in parked:
+            recorded.append((c, row, finding, by_start))
+    parked = set(session.scalars(select(ParkedEvent.event_id).where(
+        bulk.any_of(ParkedEvent.event_id, list(events)), ParkedEvent.replayed_at.is_(None))))
+    for finding in findings:
+        if finding.status == "missing" and finding.event_id in parked:
             finding.status, finding.note = "parked", "its event is a dead letter: openacct deadletter list"
     _check_charges(session, recorded)
     return findings, events
-
-
-def _keyed_by_start(row: Job) -> bool:
-    """A row the ctld hooks made without admission control: keyed by the prolog's clock."""
-    return row.start_time is not None and row.submit_time == row.start_time
 
 
 def _as_epilogs(c: _Candidate, row: Job) -> _Candidate:
@@ -191,36 +198,43 @@ def _jobs(session: Session, system_ids: set[int], job_ids: set[str]) -> dict[tup
     return found
 
 
-def _recorded(rows: list[Job], event: JobCompleted) -> Job | None:
-    """This run of the job among the rows of its id: by submit time, else (rows the ctld hooks
-    keyed by their start) by start time."""
+def _recorded(rows: list[Job], event: JobCompleted, end_hook: str) -> tuple[Job | None, bool]:
+    """This run of the job among the rows of its id, and whether it is known by its start.
+
+    By submit time first. Else a row the ctld hooks keyed by the start their prolog saw: one
+    that has ended was charged by EpilogSlurmctld (jobcomp's records name the submit time); one
+    that has not is the prolog's alone, and belongs to the epilog's event only where that hook
+    reports the ends (``end_hook``): beside jobcomp, jobcomp's record will name the job."""
     same = [r for r in rows if r.submit_time == event.submit_time]
-    if not same and event.start_time is not None:
+    if same:
+        return same[0], False
+    if event.start_time is not None:
         same = [r for r in rows if r.submit_time == r.start_time and r.start_time is not None
-                and abs(r.start_time - event.start_time) <= START_SLACK]
-    return same[0] if same else None
+                and abs(r.start_time - event.start_time) <= START_SLACK
+                and (r.end_time is not None or end_hook == "epilogctld")]
+    return (same[0], True) if same else (None, False)
 
 
-def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Finding]]) -> None:
+def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Finding, bool]]) -> None:
     """Compare what each recorded job was charged (charges as re-rated since; refunds are
     deliberate and not counted) with what the charger would charge for sacct's record."""
     if not recorded:
         return
     charges: dict[int, list[LedgerTransaction]] = defaultdict(list)
     for txn in session.scalars(select(LedgerTransaction).where(
-            LedgerTransaction.kind == "charge", bulk.any_of(LedgerTransaction.job_id, [row.id for _, row, _ in recorded]))):
+            LedgerTransaction.kind == "charge", bulk.any_of(LedgerTransaction.job_id, [row.id for _, row, _, _ in recorded]))):
         charges[txn.job_id].append(txn)  # type: ignore[index]
     adjusted, _ = _referring_sums(session, [t.id for ts in charges.values() for t in ts], "adjustment")
-    directory = Directory.load(session, [c.event for c, _, _ in recorded])
+    directory = Directory.load(session, [c.event for c, _, _, _ in recorded])
     free_states = set(get_settings().free_states)
     plans = {}
-    for c, _, finding in recorded:
+    for c, _, finding, _ in recorded:
         try:
             plans[c.event.event_id] = charger_plan(session, directory, c.event, free_states)
         except Unresolved as exc:
             finding.note = f"the charger would not charge sacct's record now: {exc}"
     rates = ledger._rate_tables(session, {p["service_id"] for plan in plans.values() for p in plan.charges})
-    for c, row, finding in recorded:
+    for c, row, finding, by_start in recorded:
         held = charges[row.id]
         finding.charged = sum((t.amount + adjusted.get(t.id, Decimal(0)) for t in held), Decimal(0))
         finding.charged_quantity = {str(t.details.get("resource", t.service_id)): t.quantity or Decimal(0) for t in held}
@@ -232,19 +246,26 @@ def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Findi
         prices = [_price(rates, p["service_id"], c.event.end_time, p["quantity"], p["multiplier"]) for p in plan.charges]
         finding.expected = None if None in prices else sum(prices, Decimal(0))  # type: ignore[arg-type]
         same = finding.expected == finding.charged and finding.expected_quantity == finding.charged_quantity
-        if not same and _keyed_by_start(row) and _within_clock_slack(plan.charges, finding.charged_quantity):
+        if not same and by_start and finding.expected is not None and _off_by_clocks_only(
+                plan.charges, finding.charged_quantity, finding.charged, rates, c.event.end_time):
             same, finding.note = True, "charged by the ctld hooks' clocks, seconds off sacct's times"
         finding.status = "matches" if same else "differs"
         if finding.expected is None:
             finding.note = "no charge rate in effect at the job's end"
 
 
-def _within_clock_slack(planned: list[dict[str, Any]], charged: dict[str, Decimal]) -> bool:
-    """Whether each resource was charged for the time sacct says give or take START_SLACK: the
-    ctld hooks time a job by their own clocks, which may be a second or two off Slurm's."""
-    slack = Decimal(int(START_SLACK.total_seconds())) / 3600
-    return {p["details"]["resource"] for p in planned} == set(charged) and all(
-        abs(p["quantity"] - charged[p["details"]["resource"]]) <= p["details"]["count"] * slack for p in planned)
+def _off_by_clocks_only(planned: list[dict[str, Any]], quantities: dict[str, Decimal], charged: Decimal,
+                        rates: dict[int, tuple[list[dt.datetime], list[Decimal]]], at: dt.datetime) -> bool:
+    """Whether a job the ctld hooks timed by their own clocks was charged as sacct's record
+    says but for those clocks: each resource for sacct's time give or take CLOCK_SLACK, and
+    for those quantities exactly what the charger would ask (same services, rates, multipliers)."""
+    slack = Decimal(int(CLOCK_SLACK.total_seconds())) / 3600
+    if {p["details"]["resource"] for p in planned} != set(quantities):
+        return False
+    if any(abs(p["quantity"] - quantities[p["details"]["resource"]]) > p["details"]["count"] * slack for p in planned):
+        return False
+    prices = [_price(rates, p["service_id"], at, quantities[p["details"]["resource"]], p["multiplier"]) for p in planned]
+    return None not in prices and sum(prices, Decimal(0)) == charged  # type: ignore[arg-type]
 
 
 def _price(rates: dict[int, tuple[list[dt.datetime], list[Decimal]]], service_id: int, at: dt.datetime,

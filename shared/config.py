@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     hold_expiry_interval: int = Field(
         default=300, ge=10, description="Seconds between the reporter's runs that expire stale holds.",
     )
+    slurm_end_hook: Literal["jobcomp", "epilogctld"] = Field(
+        default="jobcomp",
+        description="Which hook reports Slurm jobs' ends, for `slurm reconcile`: jobcomp (jobcomp/script) "
+        "or epilogctld (EpilogSlurmctld, set-up 3): the id a lost job's event is published under.",
+    )
     slurm_bin_dir: str = Field(
         default="/usr/bin", description="Where scontrol and sacct are (Slurm's hooks run without a PATH)."
     )

@@ -32,7 +32,7 @@ from openacct.slurm_reconcile import reconcile
 from services.charger.batch import charge_events
 from shared import config
 from shared.db import session_scope
-from shared.models import LedgerTransaction, ParkedEvent
+from shared.models import ChargeMultiplier, LedgerTransaction, ParkedEvent
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SACCT = (FIXTURES / "slurm-22.05-sacct.txt").read_text()
@@ -177,10 +177,10 @@ def charge(raws: list[bytes]) -> None:
         charge_events(s, [r.decode() for r in raws])
 
 
-def run_reconcile(publish: bool = True) -> tuple[object, list[tuple[str, bytes]]]:
+def run_reconcile(publish: bool = True, end_hook: str = "jobcomp") -> tuple[object, list[tuple[str, bytes]]]:
     published: list[tuple[str, bytes]] = []
     with session_scope() as s:
-        result = reconcile(s, records(), now=NOW, publish=published.extend if publish else None)
+        result = reconcile(s, records(), now=NOW, publish=published.extend if publish else None, end_hook=end_hook)
     return result, published
 
 
@@ -248,18 +248,45 @@ def ctld_events(env: dict[str, str], start_shift: int, end_shift: int) -> tuple[
             encode(job_event("job.completed", "slurm-epilogctld", NOW, ended)))
 
 
+def charges() -> int:
+    with session_scope() as s:
+        return len(s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "charge")).all())
+
+
 @pytest.mark.usefixtures("recon")
-def test_a_job_whose_ctld_epilog_has_not_come_is_published_under_the_epilogs_id() -> None:
+def test_where_the_epilog_reports_ends_a_job_it_has_not_yet_is_published_under_its_id() -> None:
     (two,) = [env for env in final_jobcomp() if env["JOBNAME"] == "two"]
     started, ended = ctld_events(two, 1, 1)
     charge([started])  # the prolog's event is in; the epilog's is still on its way
-    result, published = run_reconcile()
+    result, published = run_reconcile(end_hook="epilogctld")
     assert by_job(result)["4"] == "published"
     [(event_id, raw_event)] = [(i, r) for i, r in published if json.loads(r)["job_id"] == "4"]
     assert event_id == json.loads(ended)["event_id"] != json.loads(hook_raw(two))["event_id"]
     charge([raw_event, ended])  # reconcile's, then the epilog's after all: charged once
-    with session_scope() as s:
-        assert len(s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "charge")).all()) == 1
+    assert charges() == 1
+
+
+@pytest.mark.usefixtures("recon")
+def test_where_jobcomp_reports_ends_a_job_only_its_prolog_recorded_is_published_under_jobcomps_id() -> None:
+    (two,) = [env for env in final_jobcomp() if env["JOBNAME"] == "two"]
+    started, _ = ctld_events(two, 0, 0)  # PrologSlurmctld beside jobcomp, without admission control
+    charge([started])
+    result, published = run_reconcile()
+    [(event_id, raw_event)] = [(i, r) for i, r in published if json.loads(r)["job_id"] == "4"]
+    assert event_id == json.loads(hook_raw(two))["event_id"]
+    charge([raw_event, hook_raw(two)])  # reconcile's, then jobcomp's record after all: charged once
+    assert charges() == 1
+
+
+@pytest.mark.usefixtures("recon")
+def test_a_prolog_clock_past_saccts_end_is_listed_and_does_not_stop_the_reconcile() -> None:
+    (two,) = [env for env in final_jobcomp() if env["JOBNAME"] == "two"]
+    late = {**two, "START": str(int(two["END"]) + 30), "END": str(int(two["END"]) + 31)}
+    charge([ctld_events(late, 0, 0)[0]])  # the prolog ran 30 s after Slurm says the job ended
+    result, published = run_reconcile(end_hook="epilogctld")
+    [finding] = [f for f in result.findings if f.job == "4"]
+    assert finding.status == "invalid" and "before" in finding.note, finding.note  # for a person to see
+    assert len(result.findings) == len(records()) and "4" not in {json.loads(r)["job_id"] for _, r in published}
 
 
 @pytest.mark.usefixtures("recon")
@@ -270,6 +297,18 @@ def test_a_job_the_ctld_hooks_timed_a_few_seconds_off_sacct_matches() -> None:
     [finding] = [f for f in result.findings if f.job == "4"]
     assert finding.status == "matches" and "ctld hooks' clocks" in finding.note
     assert finding.charged != finding.expected
+
+
+@pytest.mark.usefixtures("recon")
+def test_a_ctld_charge_off_by_more_than_clocks_or_at_another_multiplier_differs() -> None:
+    (two,) = [env for env in final_jobcomp() if env["JOBNAME"] == "two"]
+    (ok,) = [env for env in final_jobcomp() if env["JOBNAME"] == "ok"]
+    charge(list(ctld_events(two, 0, 30)))  # charged 30 s too long
+    with session_scope() as s:  # sacct's QoS costs double; the ctld hooks see no QoS
+        s.add(ChargeMultiplier(system_id=shortcuts.get_system("recon").id, kind="qos", name="normal", multiplier=D("2")))
+    charge(list(ctld_events(ok, 0, 0)))
+    result, _ = run_reconcile()
+    assert by_job(result)["4"] == by_job(result)["1"] == "differs"
 
 
 @pytest.mark.usefixtures("recon")
@@ -338,6 +377,7 @@ def test_the_command_publishes_the_missing_to_the_spool_and_says_so(cli, tmp_pat
     (("--since", "yesterday"), 1, "error: --since 'yesterday' is not a date or time"),
     (("--since", "2026-12-04", "--until", "2026-12-03"), 1, "error: --until 2026-12-03T00:00:00+00:00 is not after --since"),
     (("--since", "2026-12-04", "--cluster", "-M"), 1, "error: --cluster '-M' is not a Slurm cluster name"),
+    (("--since", "2026-12-04", "--end-hook", "epilog"), 1, "error: --end-hook 'epilog' is not jobcomp or epilogctld"),
     ((), 2, "Missing option '--since'"),
 ])
 def test_bad_input_is_one_line(cli, args: tuple[str, ...], code: int, message: str) -> None:  # type: ignore[no-untyped-def]

@@ -313,6 +313,8 @@ def slurm_reconcile(
     until: Annotated[str | None, typer.Option(help="...and before this time (default: now).")] = None,
     cluster: Annotated[str | None, typer.Option(help="The Slurm cluster sacct reports on (default: sacct's own, from slurm.conf).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Compare and list; publish nothing.")] = False,
+    end_hook: Annotated[str | None, typer.Option(
+        help="The hook that reports job ends here: jobcomp or epilogctld (default: slurm_end_hook).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Charge the jobs Slurm's accounting (sacct) says ended that the ledger never charged (their
@@ -333,13 +335,15 @@ def slurm_reconcile(
     end = parse_time(until, "--until", settings.zone) if until is not None else ledger.now()
     if cluster is not None and not NAME.match(cluster):
         raise InvalidInput(f"--cluster {cluster!r} is not a Slurm cluster name")
+    if end_hook not in (None, "jobcomp", "epilogctld"):
+        raise InvalidInput(f"--end-hook {end_hook!r} is not jobcomp or epilogctld")
     try:
         records, unreadable = sacct.query(start, end, cluster)
     except sacct.SacctUnavailable as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(3) from None
     with session_scope() as s:
-        result = rec.reconcile(s, records, unreadable, now=int(time.time()),
+        result = rec.reconcile(s, records, unreadable, now=int(time.time()), end_hook=end_hook,
                                publish=None if dry_run else rec.spool_publisher(settings.spool_path))
     _reconcile_report(result, start, end, cluster, dry_run, as_json)
     if not result.reconciled:
