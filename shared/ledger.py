@@ -114,6 +114,8 @@ def _lock_accounts(session: Session, *accounts: Account | int) -> None:
     FOR NO KEY UPDATE, not FOR UPDATE: it excludes the other writers, which is all it is for,
     and not the KEY SHARE locks that rows referencing the account by a foreign key take."""
     ids = sorted({a if isinstance(a, int) else a.id for a in accounts})
+    if not ids:
+        return
     session.execute(select(Account.id).where(Account.id.in_(ids)).order_by(Account.id).with_for_update(key_share=True))
 
 
@@ -412,7 +414,10 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
     (all in one order, or two batches could deadlock).
     """
     result = ChargeResult({}, {})
+    holding = list(session.scalars(select(OpenHold.account_id).where(bulk.any_of(OpenHold.job_id, settles)))) \
+        if settles else []
     if not requests:
+        _lock_accounts(session, *holding)
         return result
     by_key = {r.key: r for r in requests}
     if len(by_key) != len(requests):
@@ -437,6 +442,7 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
             result.refused[key] = _conflict_message(key, txn_id)
     todo = [(r, rate, amount) for r, rate, amount in priced if r.key not in result.transactions and r.key not in result.refused]
     if not todo:
+        _lock_accounts(session, *holding)
         return result
 
     # The transactions go in before the accounts are locked: their unique keys settle any race
@@ -467,7 +473,6 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
             else:
                 result.refused[key] = _conflict_message(key, txn_id)
     account_ids = sorted({r.account_id for r, _, _ in todo if r.key in written})
-    holding = session.scalars(select(OpenHold.account_id).where(bulk.any_of(OpenHold.job_id, settles))) if settles else []
     _lock_accounts(session, *account_ids, *holding)
     buckets = _buckets(session, account_ids)
     entries = []
@@ -724,13 +729,15 @@ def release(
     return txn
 
 
-def _release_open(session: Session, condition: Any, *, key_prefix: str, description: str, actor: str) -> list[LedgerTransaction]:
-    """Release in full every open hold that ``condition`` (on ``OpenHold``) selects."""
+def _release_open(session: Session, condition: Any, *, key_prefix: str, description: str, actor: str,
+                  also_lock: Sequence[int] = ()) -> list[LedgerTransaction]:
+    """Release in full every open hold that ``condition`` (on ``OpenHold``) selects, having
+    locked their accounts and ``also_lock`` all at once, in id order."""
     found = session.execute(select(OpenHold.hold_id, OpenHold.account_id).where(condition)
                             .order_by(OpenHold.hold_id)).all()
+    _lock_accounts(session, *{account_id for _, account_id in found}, *also_lock)
     if not found:
         return []
-    _lock_accounts(session, *{account_id for _, account_id in found})  # all at once, in id order
     hold_ids = session.scalars(select(OpenHold.hold_id).where(condition).order_by(OpenHold.hold_id)).all()
     return [
         release(session, session.get_one(LedgerTransaction, hold_id), key=f"{key_prefix}:{hold_id}",
@@ -750,15 +757,16 @@ def settle_holds(session: Session, job_ids: Iterable[int], *, actor: str = "") -
 
 
 def release_earlier_runs(session: Session, system_id: int, job_id: str, array_task_id: int | None, *,
-                         keep: str, actor: str = "") -> list[LedgerTransaction]:
+                         keep: str, account: Account, actor: str = "") -> list[LedgerTransaction]:
     """A job starting again (a requeue) gives back what its earlier runs still hold: a
     scheduler's job id names one live job at a time. ``keep`` is the key of this run's hold,
-    which a repeated request for the same run must find in place."""
+    which a repeated request for the same run must find in place; ``account``, the one this
+    run holds on, is locked with the earlier runs' (in one order: no deadlock)."""
     same_job = select(Job.id).where(Job.system_id == system_id, Job.job_id == job_id,
                                     Job.array_task_id.is_not_distinct_from(array_task_id))
     others = select(LedgerTransaction.id).where(LedgerTransaction.idempotency_key == keep)
     return _release_open(session, and_(OpenHold.job_id.in_(same_job), OpenHold.hold_id.not_in(others)),
-                         key_prefix="rerun", actor=actor,
+                         key_prefix="rerun", actor=actor, also_lock=[account.id],
                          description=f"job {job_id} runs again: the next run holds in place of this one")
 
 

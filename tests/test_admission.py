@@ -244,6 +244,27 @@ def test_the_gpus_squeue_gave_at_the_start_are_held_and_then_charged() -> None:
     assert held() == 0 and verify() == []
 
 
+def test_the_gpus_admission_recorded_are_charged_from_the_ctld_epilogs_event_too() -> None:
+    from openacct.shortcuts import create_service, grant_service_access
+    from shared.event_id import job_event_id
+
+    grant_service_access(create_service("cluster-gpu-hours", system="cluster", units="gpu-hours", charge_rate="1"),
+                         project="phys")
+    deposit("phys", "10", start="2000-01-01")
+    end = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=1)
+    event = job_completed(22, cpus=6, seconds=1800, end=end)
+    start = dt.datetime.fromisoformat(event["start_time"])
+    assert ask(AdmissionRequest(**{**request(22, start=start).model_dump(), "gpus": 1,
+                                   "submit_time": dt.datetime.fromisoformat(event["submit_time"])})).admit
+    del event["submit_time"]  # EpilogSlurmctld's: known by its start, no GPUs
+    event["event_id"] = job_event_id("job.completed", "cluster", "22", None, None, None, int(start.timestamp()))
+    with session_scope() as s:
+        charge_events(s, [raw(event).decode()])
+        charged = {t.details["resource"]: t.quantity for t in s.scalars(
+            select(LedgerTransaction).where(LedgerTransaction.kind == "charge"))}
+    assert charged == {"cpu": D("3"), "gpu": D("0.5")} and held() == 0
+
+
 def test_a_hold_whose_job_never_reports_back_expires_after_the_grace_period() -> None:
     deposit("phys", "1", start="2000-01-01")
     deposit("chem", "1", start="2000-01-01")

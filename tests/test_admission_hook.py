@@ -7,6 +7,7 @@ own); the admission service is the real one, or a socket that never answers.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -137,7 +138,10 @@ def test_a_call_that_ignores_the_deadline_is_ended_by_the_alarm_and_the_start_st
         monkeypatch.setenv(f"OPENACCT_{name}", value)
     monkeypatch.setattr(admission, "_from_squeue", lambda *_: time.sleep(30))  # deaf to any deadline
     began = time.monotonic()
-    code = run.run("slurm-prologctld", _environb(env_of("prologctld", "with-slurmdbd", SLURM_JOB_ID="2")))
+    try:
+        code = run.run("slurm-prologctld", _environb(env_of("prologctld", "with-slurmdbd", SLURM_JOB_ID="2")))
+    finally:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the hook's is for its own short life only
     assert code == 0 and time.monotonic() - began < 2  # the alarm at 0.3 + 0.5 s
     [started] = spooled(tmp_path / "spool")
     assert (started["kind"], started["job_id"]) == ("job.started", "2")

@@ -42,7 +42,8 @@ def check(env: Mapping[str, str], started: dict[str, object], settings: HookSett
     when squeue told it."""
     deadline = time.monotonic() + settings.admission_timeout
     # The alarm is the last resort: it fires a little after the deadline, if a call ignored it.
-    signal.signal(signal.SIGALRM, _alarm(settings))
+    armed = [True]  # once the check is done, an alarm that was on its way does nothing
+    signal.signal(signal.SIGALRM, _alarm(settings, armed))
     signal.setitimer(signal.ITIMER_REAL, settings.admission_timeout + 0.5)
     submit = None
     try:
@@ -51,9 +52,12 @@ def check(env: Mapping[str, str], started: dict[str, object], settings: HookSett
         answer_by_ms = int((time.time() + deadline - time.monotonic()) * 1000)
         verb, why = _ask(settings.admission_socket, {**_request(started, now), **job, "answer_by_ms": answer_by_ms},
                          deadline)
+        armed[0] = False
     except (NoDecision, BadInput) as exc:
+        armed[0] = False
         return Verdict(*failed(settings, str(exc)), submit)
     finally:
+        armed[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
     if verb == "error":
         return Verdict(*failed(settings, why), submit)
@@ -69,10 +73,12 @@ def failed(settings: HookSettings, why: str) -> tuple[bool, str]:
     return settings.admission_fails_open, f"no admission decision ({why}); the job {verdict}"
 
 
-def _alarm(settings: HookSettings):  # type: ignore[no-untyped-def]
+def _alarm(settings: HookSettings, armed: list[bool]):  # type: ignore[no-untyped-def]
     """The first alarm ends the check as a failure to decide, so that the job's start is still
     recorded; should that be stuck too, a second one ends the process."""
     def first(*_: object) -> None:
+        if not armed[0]:
+            return
         signal.signal(signal.SIGALRM, lambda *_: _give_up(settings))
         signal.setitimer(signal.ITIMER_REAL, 1.0)
         raise NoDecision("the admission check ran past admission_timeout")

@@ -100,7 +100,7 @@ def decide(session: Session, request: AdmissionRequest, settings: Settings) -> D
     key = f"hold/{request.run_key}"
     # Whatever this job's earlier runs hold is theirs no longer, admitted or not this time.
     ledger.release_earlier_runs(session, priced.system_id, request.job_id, request.array_task_id, keep=key,
-                                actor="admission")
+                                account=account, actor="admission")
     expires = request.start_time + dt.timedelta(minutes=minutes, seconds=settings.hold_grace)
     limit, fit = {"reject": ("credit", False), "allow": ("credit", True), "notify": ("none", False)}[policy]
     refused = session.begin_nested()  # a job that does not start leaves no row behind

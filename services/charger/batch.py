@@ -131,23 +131,31 @@ def _refund_by_state(session: Session, requests: list[ledger.ChargeRequest], res
 
 
 def _gpu_key(directory: Directory, event: JobStarted | JobCompleted) -> tuple[Any, ...] | None:
+    """The job's row as the event names it: by submit time, or (the ctld hooks) by start."""
     system = directory.systems.get(event.system)
-    if system is None or event.submit_time is None:
+    if system is None:
         return None
-    return system.id, event.job_id, event.array_task_id, event.submit_time
+    if event.submit_time is not None:
+        return system.id, event.job_id, event.array_task_id, "submit", event.submit_time
+    return system.id, event.job_id, event.array_task_id, "start", event.start_time
 
 
 def _gpus_at_start(session: Session, directory: Directory,
                    events: list[JobStarted | JobCompleted]) -> dict[tuple[Any, ...], int]:
-    """GPUs recorded at the start of the ended jobs whose event does not say (Slurm's jobcomp
-    record does not; the admission prolog learnt them from squeue), on systems that charge GPUs."""
+    """GPUs recorded at the start of the ended jobs whose event does not say (Slurm's end
+    hooks do not; the admission prolog learnt them from squeue), on systems that charge GPUs."""
     keys = {key for e in events if isinstance(e, JobCompleted) and e.gpus is None
             and (key := _gpu_key(directory, e)) is not None and "gpu" in directory.systems[e.system].services}
     if not keys:
         return {}
-    rows = session.execute(select(Job.system_id, Job.job_id, Job.array_task_id, Job.submit_time, Job.gpus).where(
-        bulk.any_of(Job.job_id, {k[1] for k in keys}), Job.gpus > 0))
-    return {key: gpus for *found, gpus in rows if (key := tuple(found)) in keys}
+    found: dict[tuple[Any, ...], int] = {}
+    for system_id, job_id, task, submit, start, gpus in session.execute(
+            select(Job.system_id, Job.job_id, Job.array_task_id, Job.submit_time, Job.start_time, Job.gpus)
+            .where(bulk.any_of(Job.job_id, {k[1] for k in keys}), Job.gpus > 0)):
+        for key in ((system_id, job_id, task, "submit", submit), (system_id, job_id, task, "start", start)):
+            if key in keys:
+                found[key] = gpus
+    return found
 
 
 def _plan(session: Session, directory: Directory, event: JobStarted | JobCompleted, free_states: set[str],
