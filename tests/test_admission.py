@@ -225,6 +225,12 @@ def test_the_record_of_a_requeued_run_gives_back_its_hold() -> None:
     assert verify() == []
 
 
+def test_a_gpu_job_on_a_system_that_charges_no_gpus_is_priced_for_its_cpus() -> None:
+    deposit("phys", "1", start="2000-01-01")
+    decision = ask(request(23).model_copy(update={"gpus": 4}))  # the quick start has no GPU service
+    assert decision.admit and decision.cost == COST
+
+
 def test_the_gpus_squeue_gave_at_the_start_are_held_and_then_charged() -> None:
     from openacct.shortcuts import create_service, grant_service_access
 

@@ -90,7 +90,7 @@ def decide(session: Session, request: AdmissionRequest, settings: Settings) -> D
     try:
         priced = quote(session, request.system, request.account, minutes=minutes, cpus=request.cpus,
                        gpus=request.gpus, nodes=request.nodes, partition=request.partition,
-                       qos=request.qos, user=request.user, at=request.start_time)
+                       qos=request.qos, user=request.user, at=request.start_time, gpus_where_charged=True)
     except Unresolved as exc:
         # The charger would park this job's charge: under reject it does not run unpaid.
         policy = _policy(*_account_and_system(session, request), settings)

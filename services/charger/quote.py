@@ -49,10 +49,11 @@ class Quote:
 
 def quote(session: Session, system: str, account: str | None, *, minutes: int, cpus: int = 0, gpus: int = 0,
           nodes: int = 0, partition: str | None = None, qos: str | None = None, user: str | None = None,
-          at: dt.datetime | None = None) -> Quote:
+          at: dt.datetime | None = None, gpus_where_charged: bool = False) -> Quote:
     """Price ``cpus``/``gpus``/``nodes`` for ``minutes`` on ``account``; raises ``Unresolved``
     with the charger's own reasons (unknown account, no access to a service, a ``user`` who is
-    not a member, …)."""
+    not a member, …). With ``gpus_where_charged``, GPUs count only on a system with a service
+    for them, as the charger counts a Slurm job's (its end record does not name them)."""
     at = at or ledger.now()
     directory = Directory.load(session, [SimpleNamespace(system=system, user=user or "", account=account)])
     found = directory.system(system)
@@ -66,7 +67,8 @@ def quote(session: Session, system: str, account: str | None, *, minutes: int, c
                   * found.multipliers.get(("qos", qos or ""), Decimal(1)))
     lines = []
     for resource, count in (("cpu", cpus), ("gpu", gpus), ("node", nodes)):
-        if count <= 0 or (resource == "node" and "node" not in found.services):
+        optional = resource == "node" or (resource == "gpu" and gpus_where_charged)
+        if count <= 0 or (optional and resource not in found.services):
             continue
         service_id, service_name = directory.service(found, resource, target)
         rate = ledger.rate_at(session, session.get_one(Service, service_id), at)
