@@ -1018,5 +1018,6 @@ def verify(session: Session) -> list[Mismatch]:
 
 __all__ = [
     "Balance", "Mismatch", "account_balance", "adjust", "charge", "deposit", "expire_holds", "hold",
-    "project_balance", "rate_at", "refund", "refundable", "release", "release_earlier_runs", "release_requeued_holds", "settle_holds", "transfer", "verify",
+    "project_balance", "rate_at", "refund", "refundable", "release", "release_earlier_runs",
+    "release_requeued_holds", "settle_holds", "transfer", "verify",
 ]

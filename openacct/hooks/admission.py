@@ -125,13 +125,12 @@ def _run(argv: list[str], deadline: float) -> str:
         while True:
             ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
-                os.kill(pid, signal.SIGKILL)
                 raise NoDecision(f"{name} did not answer in time")
             chunk = os.read(read_end, 65536)
             if not chunk:
                 break
             output += chunk
-    except BaseException:  # the alarm, say: the child must not outlive the wait for it
+    except BaseException:  # its deadline, or the alarm: the child must not outlive the wait for it
         os.kill(pid, signal.SIGKILL)
         raise
     finally:
