@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ from shared.config import get_settings
 from shared.event_id import job_event_id
 from shared.events import EventRejected, JobCompleted, parse_event
 from shared.models import Job, LedgerTransaction, ParkedEvent
-from shared.money import round_money
 
 SOURCE = "slurm-reconcile"  # not part of the event id: the hook's and ours are one event
 # The ctld hooks key a job by the prolog's clock, which may be a second or two off Slurm's start.
@@ -233,7 +231,7 @@ def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Findi
             plans[c.event.event_id] = charger_plan(session, directory, c.event, free_states)
         except Unresolved as exc:
             finding.note = f"the charger would not charge sacct's record now: {exc}"
-    rates = ledger._rate_tables(session, {p["service_id"] for plan in plans.values() for p in plan.charges})
+    rates = ledger.rate_tables(session, {p["service_id"] for plan in plans.values() for p in plan.charges})
     for c, row, finding, by_start in recorded:
         held = charges[row.id]
         finding.charged = sum((t.amount + adjusted.get(t.id, Decimal(0)) for t in held), Decimal(0))
@@ -243,8 +241,7 @@ def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Findi
             finding.status = "differs"
             continue
         finding.expected_quantity = {p["details"]["resource"]: p["quantity"] for p in plan.charges}
-        prices = [_price(rates, p["service_id"], c.event.end_time, p["quantity"], p["multiplier"]) for p in plan.charges]
-        finding.expected = None if None in prices else sum(prices, Decimal(0))  # type: ignore[arg-type]
+        finding.expected = _cost(rates, plan.charges, c.event.end_time, finding.expected_quantity)
         same = finding.expected == finding.charged and finding.expected_quantity == finding.charged_quantity
         if not same and by_start and finding.expected is not None and _off_by_clocks_only(
                 plan.charges, finding.charged_quantity, finding.charged, rates, c.event.end_time):
@@ -255,7 +252,7 @@ def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Findi
 
 
 def _off_by_clocks_only(planned: list[dict[str, Any]], quantities: dict[str, Decimal], charged: Decimal,
-                        rates: dict[int, tuple[list[dt.datetime], list[Decimal]]], at: dt.datetime) -> bool:
+                        rates: ledger.RateTables, at: dt.datetime) -> bool:
     """Whether a job the ctld hooks timed by their own clocks was charged as sacct's record
     says but for those clocks: each resource for sacct's time give or take CLOCK_SLACK, and
     for those quantities exactly what the charger would ask (same services, rates, multipliers)."""
@@ -264,16 +261,16 @@ def _off_by_clocks_only(planned: list[dict[str, Any]], quantities: dict[str, Dec
         return False
     if any(abs(p["quantity"] - quantities[p["details"]["resource"]]) > p["details"]["count"] * slack for p in planned):
         return False
-    prices = [_price(rates, p["service_id"], at, quantities[p["details"]["resource"]], p["multiplier"]) for p in planned]
-    return None not in prices and sum(prices, Decimal(0)) == charged  # type: ignore[arg-type]
+    return _cost(rates, planned, at, quantities) == charged
 
 
-def _price(rates: dict[int, tuple[list[dt.datetime], list[Decimal]]], service_id: int, at: dt.datetime,
-           quantity: Decimal, multiplier: Decimal) -> Decimal | None:
-    """As ``ledger.charge_many`` prices a charge: at the rate in effect at ``at``, rounded once."""
-    starts, table = rates.get(service_id, ([], []))
-    i = bisect_right(starts, at)
-    return None if i == 0 else round_money(quantity * table[i - 1] * multiplier)
+def _cost(rates: ledger.RateTables, planned: list[dict[str, Any]], at: dt.datetime,
+          quantities: dict[str, Decimal]) -> Decimal | None:
+    """What the charger would ask for the planned charges with these quantities (by resource),
+    priced as the ledger prices them; None where a rate is missing."""
+    prices = [ledger.price_at(rates, p["service_id"], at, quantities[p["details"]["resource"]], p["multiplier"])
+              for p in planned]
+    return None if None in prices else sum((amount for _, amount in prices), Decimal(0))  # type: ignore[misc]
 
 
 def spool_publisher(spool_dir: Path) -> Publisher:

@@ -341,8 +341,12 @@ def charge(
     return session.get_one(LedgerTransaction, result.transactions[key])
 
 
-def _rate_tables(session: Session, service_ids: Iterable[int]) -> dict[int, tuple[list[dt.datetime], list[Decimal]]]:
-    tables: dict[int, tuple[list[dt.datetime], list[Decimal]]] = {}
+RateTables = dict[int, tuple[list[dt.datetime], list[Decimal]]]  # service -> (starts, rates), in order
+
+
+def rate_tables(session: Session, service_ids: Iterable[int]) -> RateTables:
+    """Every rate of these services, for ``price_at``: one query for a whole batch."""
+    tables: RateTables = {}
     for service_id, start, rate in session.execute(
         select(ServiceRate.service_id, ServiceRate.effective_from, ServiceRate.rate)
         .where(ServiceRate.service_id.in_(list(service_ids)))
@@ -352,6 +356,15 @@ def _rate_tables(session: Session, service_ids: Iterable[int]) -> dict[int, tupl
         starts.append(start)
         rates.append(rate)
     return tables
+
+
+def price_at(tables: RateTables, service_id: int, at: dt.datetime, quantity: Decimal,
+             multiplier: Decimal) -> tuple[Decimal, Decimal] | None:
+    """(rate, amount) of ``quantity`` of a service at the rate in effect at ``at``, rounded
+    once; None where no rate is in effect then."""
+    starts, rates = tables.get(service_id, ([], []))
+    i = bisect_right(starts, at)
+    return None if i == 0 else (rates[i - 1], round_money(quantity * rates[i - 1] * multiplier))
 
 
 @dataclass
@@ -422,15 +435,14 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
     by_key = {r.key: r for r in requests}
     if len(by_key) != len(requests):
         raise InvalidInput("a batch of charges names one idempotency key twice")
-    rates = _rate_tables(session, {r.service_id for r in requests})
+    rates = rate_tables(session, {r.service_id for r in requests})
     priced: list[tuple[ChargeRequest, Decimal, Decimal]] = []
     for r in requests:
-        starts, table = rates.get(r.service_id, ([], []))
-        i = bisect_right(starts, r.effective_at)
-        if i == 0:
+        found = price_at(rates, r.service_id, r.effective_at, r.quantity, r.multiplier)
+        if found is None:
             result.refused[r.key] = f"service #{r.service_id} has no charge rate in effect at {r.effective_at.isoformat()}"
             continue
-        priced.append((r, table[i - 1], round_money(r.quantity * table[i - 1] * r.multiplier)))
+        priced.append((r, *found))
 
     for key, txn_id, digest in session.execute(
         select(LedgerTransaction.idempotency_key, LedgerTransaction.id, LedgerTransaction.request_hash)
