@@ -51,10 +51,6 @@ class Record:
         return _epoch(self.fields["End"])
 
     @property
-    def label(self) -> str:
-        return f"job {self.fields['JobID']}"
-
-    @property
     def gpus(self) -> int:
         """GPUs allocated (``gres/gpu=N`` in AllocTRES; typed entries sum up when untyped is absent)."""
         tres = dict(part.partition("=")[::2] for part in self.fields["AllocTRES"].split(",") if "=" in part)
