@@ -6,8 +6,8 @@ charger runs (``charge_events`` on a batch of one), so the difference measured i
 
 from __future__ import annotations
 
-from services.batches import RETRYABLE
 from services.charger.batch import charge_events
+from shared.batches import RETRYABLE
 from shared.celery_app import get_app
 from shared.db import session_scope
 

@@ -53,7 +53,7 @@ def configure(app: Celery, settings: Settings) -> None:
     if amqp:
         # Quorum queues survive a broker node loss and count deliveries: a message delivered
         # more than max_deliveries times is dropped by RabbitMQ, so the workers park it first
-        # (see services.batches) one delivery earlier.
+        # (see shared.batches) one delivery earlier.
         queue_args = {"x-queue-type": "quorum", "x-delivery-limit": settings.max_deliveries + 1}
         transport_options: dict[str, Any] = {"confirm_publish": True}
     else:

@@ -7,6 +7,7 @@ Scheduler hooks run with an almost empty environment, so everything can also com
 from __future__ import annotations
 
 import tomllib
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -54,9 +55,10 @@ class Settings(BaseSettings):
     )
     free_states: list[str] = Field(
         default=["NODE_FAIL"],
-        description="Job states not charged; jobs ending in any other state pay for their elapsed time.",
+        description="Job states not charged; jobs ending in any other state pay for their elapsed time. "
+        "A run that Slurm requeued ends in REQUEUED: charged unless listed here.",
     )
-    refund_states: dict[str, float] = Field(
+    refund_states: dict[str, Decimal] = Field(
         default={},
         description="Job states charged and then refunded in part, automatically: a fraction per "
         'state, such as {"PREEMPTED": 0.5}. States in free_states are not charged at all.',
@@ -226,7 +228,7 @@ class Settings(BaseSettings):
 
     @field_validator("refund_states")
     @classmethod
-    def _refund_fractions(cls, states: dict[str, float]) -> dict[str, float]:
+    def _refund_fractions(cls, states: dict[str, Decimal]) -> dict[str, Decimal]:
         from shared.events import JOB_STATES
 
         for state, fraction in states.items():

@@ -27,3 +27,7 @@ class InsufficientFunds(OpenAcctError):
 
 class ConfigError(OpenAcctError):
     pass
+
+
+class AlreadyRefunded(InvalidInput):
+    """A re-pricing of a charge that was refunded: its refunds were measured against its price."""

@@ -20,19 +20,19 @@ import datetime as dt
 import hashlib
 import json
 import uuid
-from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
 from shared import bulk
-from shared.errors import IdempotencyConflict, InsufficientFunds, InvalidInput, NotFound
+from shared.errors import AlreadyRefunded, IdempotencyConflict, InsufficientFunds, InvalidInput
 from shared.models import (
     BUCKETS,
     Account,
@@ -44,10 +44,10 @@ from shared.models import (
     OpenHold,
     Project,
     Service,
-    ServiceRate,
     User,
 )
-from shared.money import money_str, parse_money, round_money
+from shared.money import money_str, parse_money
+from shared.rating.price import parse_fraction, price_at, rate_at, rate_tables, share
 from shared.timestamps import CLOCK_SKEW
 
 ZERO = Decimal(0)
@@ -253,18 +253,6 @@ def deposit(
     )
 
 
-def rate_at(session: Session, service: Service, at: dt.datetime) -> Decimal:
-    rate = session.scalar(
-        select(ServiceRate.rate)
-        .where(ServiceRate.service_id == service.id, ServiceRate.effective_from <= at)
-        .order_by(ServiceRate.effective_from.desc())
-        .limit(1)
-    )
-    if rate is None:
-        raise NotFound(f"service {service.name!r} has no charge rate in effect at {at.isoformat()}")
-    return rate
-
-
 def charge_request_hash(
     account_id: int, service_id: int, quantity: Decimal, multiplier: Decimal,
     user_id: int | None, job_id: int | None, effective_at: dt.datetime | None,
@@ -288,6 +276,9 @@ class ChargeRequest:
     quantity: Decimal
     effective_at: dt.datetime
     multiplier: Decimal = Decimal(1)
+    # What ``quantity`` (rounded to 6 places for the record) was measured as, where it is a
+    # fraction: a job's CPUs x seconds / 3600. The price is computed from it.
+    exact_quantity: Fraction | None = None
     user_id: int | None = None
     job_id: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -330,7 +321,7 @@ def charge(
         return done
     at = _effective(effective_at)
     _check_open(account, at)
-    rate_at(session, service, at)  # a clear NotFound before anything is locked
+    rate_at(session, service.id, at, service.name)  # a clear NotFound before anything is locked
     result = charge_many(session, [ChargeRequest(
         key=key, request_hash=digest, account_id=account.id, service_id=service.id,
         quantity=quantity, effective_at=at, multiplier=multiplier, user_id=user_id,
@@ -339,32 +330,6 @@ def charge(
     if key in result.refused:
         raise IdempotencyConflict(result.refused[key])
     return session.get_one(LedgerTransaction, result.transactions[key])
-
-
-RateTables = dict[int, tuple[list[dt.datetime], list[Decimal]]]  # service -> (starts, rates), in order
-
-
-def rate_tables(session: Session, service_ids: Iterable[int]) -> RateTables:
-    """Every rate of these services, for ``price_at``: one query for a whole batch."""
-    tables: RateTables = {}
-    for service_id, start, rate in session.execute(
-        select(ServiceRate.service_id, ServiceRate.effective_from, ServiceRate.rate)
-        .where(ServiceRate.service_id.in_(list(service_ids)))
-        .order_by(ServiceRate.service_id, ServiceRate.effective_from)
-    ):
-        starts, rates = tables.setdefault(service_id, ([], []))
-        starts.append(start)
-        rates.append(rate)
-    return tables
-
-
-def price_at(tables: RateTables, service_id: int, at: dt.datetime, quantity: Decimal,
-             multiplier: Decimal) -> tuple[Decimal, Decimal] | None:
-    """(rate, amount) of ``quantity`` of a service at the rate in effect at ``at``, rounded
-    once; None where no rate is in effect then."""
-    starts, rates = tables.get(service_id, ([], []))
-    i = bisect_right(starts, at)
-    return None if i == 0 else (rates[i - 1], round_money(quantity * rates[i - 1] * multiplier))
 
 
 @dataclass
@@ -438,7 +403,8 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
     rates = rate_tables(session, {r.service_id for r in requests})
     priced: list[tuple[ChargeRequest, Decimal, Decimal]] = []
     for r in requests:
-        found = price_at(rates, r.service_id, r.effective_at, r.quantity, r.multiplier)
+        found = price_at(rates, r.service_id, r.effective_at,
+                         r.quantity if r.exact_quantity is None else r.exact_quantity, r.multiplier)
         if found is None:
             result.refused[r.key] = f"service #{r.service_id} has no charge rate in effect at {r.effective_at.isoformat()}"
             continue
@@ -524,19 +490,78 @@ def _referred_sum(session: Session, txn: LedgerTransaction, kind: str) -> Decima
     )
 
 
-def adjusted(session: Session, charge_txn: LedgerTransaction) -> Decimal:
-    """The signed sum that adjustments (re-rating) added to a charge."""
-    return session.scalar(
-        select(func.coalesce(func.sum(LedgerEntry.amount), 0))
-        .join(LedgerTransaction, LedgerTransaction.id == LedgerEntry.transaction_id)
-        .where(LedgerTransaction.refers_to_id == charge_txn.id, LedgerTransaction.kind == "adjustment",
+# --------------------------------------------------------------------------- a charge's slices
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A charge as it stands: what it costs now (its amount as re-priced since), what its
+    refunds gave back, and what each allocation (None: the account itself) still carries of it,
+    in the order the slices were drawn."""
+
+    price: Decimal
+    refunded: Decimal
+    slices: list[tuple[int | None, Decimal]]
+
+    @property
+    def refundable(self) -> Decimal:
+        return self.price - self.refunded
+
+
+def carried(session: Session, charge_txn: LedgerTransaction) -> Carried:
+    """Read from the journal: the charge's entries and those of the refunds and re-pricings
+    that refer to it. Read it with the account locked to act on it."""
+    t = LedgerTransaction
+    price = refunded = ZERO
+    by_slice: dict[int | None, Decimal] = {}  # in the order the slices were first drawn
+    for allocation_id, bucket, amount in session.execute(
+        select(LedgerEntry.allocation_id, LedgerEntry.bucket, LedgerEntry.amount)
+        .join(t, t.id == LedgerEntry.transaction_id)
+        .where(or_(t.id == charge_txn.id, and_(t.refers_to_id == charge_txn.id, t.kind.in_(("adjustment", "refund")))),
+               LedgerEntry.bucket.in_(("charged", "refunded")))
+        .order_by(LedgerEntry.id)
+    ):
+        if bucket == "charged":
+            price += amount
+        else:
+            refunded += amount
+            amount = -amount
+        by_slice[allocation_id] = by_slice.get(allocation_id, ZERO) + amount
+    return Carried(price, refunded, list(by_slice.items()))
+
+
+def prices(session: Session, charge_ids: Sequence[int]) -> dict[int, Decimal]:
+    """What each of these charges costs now: its amount as re-priced since."""
+    t = LedgerTransaction
+    charge_id = case((t.kind == "charge", t.id), else_=t.refers_to_id)
+    return dict(session.execute(
+        select(charge_id, func.sum(LedgerEntry.amount))
+        .join(LedgerEntry, LedgerEntry.transaction_id == t.id)
+        .where(or_(bulk.any_of(t.id, charge_ids), and_(bulk.any_of(t.refers_to_id, charge_ids), t.kind == "adjustment")),
                LedgerEntry.bucket == "charged")
-    )
+        .group_by(charge_id)
+    ).all())
+
+
+def _give_back(slices: Sequence[tuple[int | None, Decimal]], amount: Decimal) -> list[tuple[int | None, Decimal]]:
+    """Take ``amount`` back from what the slices of a charge carry, the slice drawn last first:
+    the account's own debt before any allocation, the allocation ending last before the others.
+    Never more from a slice than it carries, so no allocation ends with more than was put in."""
+    parts: list[tuple[int | None, Decimal]] = []
+    rest = amount
+    for allocation_id, has in reversed(slices):
+        take = min(has, rest)
+        if take > 0:
+            parts.append((allocation_id, take))
+            rest -= take
+    if rest > 0:  # the callers ask for no more than the slices carry in all
+        raise InvalidInput(f"{money_str(amount)} is more than the charge's slices carry")
+    return parts
 
 
 def refundable(session: Session, charge_txn: LedgerTransaction) -> Decimal:
-    """What is left to refund of a charge: its amount as adjusted since, less its refunds."""
-    return max(ZERO, charge_txn.amount + adjusted(session, charge_txn) - _referred_sum(session, charge_txn, "refund"))
+    """What is left to refund of a charge: what it costs now, less its refunds."""
+    return carried(session, charge_txn).refundable
 
 
 def refund(
@@ -550,51 +575,129 @@ def refund(
     effective_at: dt.datetime | None = None,
 ) -> LedgerTransaction:
     """Give back ``amount`` (default: all that is still refundable) of a charge, to the
-    allocations it was drawn from, effective now (or at ``effective_at``, never before the
-    charge). Refunds of one charge never add up to more than it, as adjusted."""
+    allocations that still carry it, effective now (or at ``effective_at``, never before the
+    charge). Refunds of one charge never add up to more than it costs now."""
+    wanted = None if amount is None else parse_money(amount, "refund amount")
+    txn = _refund(session, charge_txn, {"amount": wanted}, lambda now_: now_.refundable if wanted is None else wanted,
+                  key=key, reason=reason, actor=actor, effective_at=effective_at)
+    assert txn is not None  # only a share can come to nothing
+    return txn
+
+
+def refund_share(
+    session: Session,
+    charge_txn: LedgerTransaction,
+    fraction: object,
+    *,
+    key: str | None = None,
+    reason: str = "",
+    actor: str = "",
+    effective_at: dt.datetime | None = None,
+) -> LedgerTransaction | None:
+    """Give back ``fraction`` of what a charge costs now (as re-priced since), rounded as prices
+    are; None where that comes to less than the ledger's smallest unit."""
+    share_of = parse_fraction(fraction)
+    return _refund(session, charge_txn, {"amount": None, "fraction": share_of},
+                   lambda now_: share(now_.price, share_of),
+                   key=key, reason=reason, actor=actor, effective_at=effective_at)
+
+
+def _refund(session: Session, charge_txn: LedgerTransaction, request: dict[str, Any],
+            how_much: Any, *, key: str | None, reason: str, actor: str,
+            effective_at: dt.datetime | None) -> LedgerTransaction | None:
+    """What a refund may return, written once: decided (``how_much`` of the charge as it
+    stands) with the account locked, so a refund and a re-pricing at once never give back
+    more than the charge costs."""
     if charge_txn.kind != "charge":
         raise InvalidInput(f"transaction #{charge_txn.id} is a {charge_txn.kind}, not a charge")
-    wanted = None if amount is None else parse_money(amount, "refund amount")
     key = _check_key(key)
-    digest = _request_hash("refund", {"charge": charge_txn.id, "amount": wanted})
+    digest = _request_hash("refund", {"charge": charge_txn.id, **request})
+    # A charge may be dated a little ahead of this clock (a node's clock): a refund never
+    # takes effect before its charge.
+    at = max(_effective(None), charge_txn.effective_at) if effective_at is None else _effective(effective_at)
+    if at < charge_txn.effective_at:
+        raise InvalidInput(f"a refund of charge #{charge_txn.id} cannot take effect before the charge")
     account = session.get_one(Account, charge_txn.account_id)
     if (done := _lock_then_replay(session, key, digest, account)) is not None:
         return done
-    remaining = refundable(session, charge_txn)
-    amount = remaining if wanted is None else wanted
-    if amount > remaining or remaining == 0:
+    charge_now = carried(session, charge_txn)
+    amount = how_much(charge_now)
+    if amount == 0 and "fraction" in request:
+        return None
+    if amount > charge_now.refundable or charge_now.refundable == 0:
         raise InvalidInput(
             f"refund of {money_str(amount)} refused: charge #{charge_txn.id} of "
-            f"{money_str(charge_txn.amount)} has {money_str(remaining)} left to refund"
+            f"{money_str(charge_now.price)} has {money_str(charge_now.refundable)} left to refund"
         )
-    at = _effective(effective_at)
-    if at < charge_txn.effective_at:
-        raise InvalidInput(f"a refund of charge #{charge_txn.id} cannot take effect before the charge")
-    # Give back to the slices the charge took last first, so a partial refund restores the
-    # allocation that the charge reached into latest.
-    already = _referred_sum(session, charge_txn, "refund")
-    entries: list[_Entry] = []
-    rest = amount
-    slices = _charge_slices(charge_txn)
-    for slice_ in reversed(slices):
-        take_from_slice = slice_.amount - min(already, slice_.amount)
-        already -= min(already, slice_.amount)
-        take = min(take_from_slice, rest)
-        if take > 0:
-            entries.append(_Entry(account.id, slice_.allocation_id, "refunded", take))
-            rest -= take
-    if rest > 0:  # a charge re-rated upwards has more to give back than its slices took
-        entries.append(_Entry(account.id, slices[0].allocation_id if slices else None, "refunded", rest))
     return _write(
         session, kind="refund", key=key, request_hash=digest, amount=amount, account=account,
         effective_at=at, refers_to_id=charge_txn.id, service_id=charge_txn.service_id,
         job_id=charge_txn.job_id, user_id=charge_txn.user_id, description=reason, actor=actor,
-        entries=entries,
+        entries=[_Entry(account.id, a, "refunded", part) for a, part in _give_back(charge_now.slices, amount)],
     )
 
 
-def _charge_slices(charge_txn: LedgerTransaction) -> list[LedgerEntry]:
-    return [e for e in charge_txn.entries if e.bucket == "charged"]
+def reprice(
+    session: Session,
+    charge_txn: LedgerTransaction,
+    price: object,
+    *,
+    key: str | None = None,
+    description: str = "",
+    actor: str = "",
+) -> LedgerTransaction | None:
+    """Make a charge cost ``price`` from now on (a re-rating): an adjustment of the difference
+    that refers to it, decided with the account locked. A lower price gives back to the slices
+    that carry the charge, the last drawn first (as a refund does); a higher one draws the rest
+    as a charge at the charge's time would. None where the charge already costs that.
+
+    A charge that was refunded is not re-priced (``AlreadyRefunded``): under its refunds, a new
+    price could let them exceed what it costs. Without ``key``, the adjustment's key is the
+    charge's and its place among the charge's adjustments, so that two re-pricings at once
+    apply one after the other, and the same re-pricing twice writes once."""
+    target = parse_money(price, "price", allow_zero=True)
+    return _reprice(session, charge_txn, {"price": target}, lambda _: target, key=key,
+                    description=description, actor=actor)
+
+
+def _reprice(session: Session, charge_txn: LedgerTransaction, request: dict[str, Any], price_of: Any, *,
+             key: str | None, description: str, actor: str) -> LedgerTransaction | None:
+    if charge_txn.kind != "charge":
+        raise InvalidInput(f"transaction #{charge_txn.id} is a {charge_txn.kind}, not a charge")
+    account = session.get_one(Account, charge_txn.account_id)
+    digest = _request_hash("adjustment", {"charge": charge_txn.id, **request})
+    if key is not None:
+        key = _check_key(key)
+        if (done := _lock_then_replay(session, key, digest, account)) is not None:
+            return done
+    else:
+        _lock_accounts(session, account)
+    charge_now = carried(session, charge_txn)
+    if charge_now.refunded > 0:
+        raise AlreadyRefunded(f"charge #{charge_txn.id} was refunded {money_str(charge_now.refunded)}: it is not "
+                              "re-priced under its refunds")
+    target = price_of(charge_now)
+    if target < 0:
+        raise InvalidInput(f"charge #{charge_txn.id} costs {money_str(charge_now.price)}: it cannot cost "
+                           f"{money_str(target)}")
+    delta = target - charge_now.price
+    if delta == 0:
+        return None
+    if key is None:
+        earlier = session.scalar(select(func.count()).where(LedgerTransaction.refers_to_id == charge_txn.id,
+                                                            LedgerTransaction.kind == "adjustment"))
+        key = f"reprice:{charge_txn.id}:{earlier + 1}"
+    if delta < 0:
+        parts = [(a, -part) for a, part in _give_back(charge_now.slices, -delta)]
+    else:
+        drawn = _draw(_buckets(session, [account.id]).get(account.id, ()), delta, charge_txn.effective_at)
+        parts = [(bucket.id if bucket else None, part) for bucket, part in drawn]
+    return _write(
+        session, kind="adjustment", key=key, request_hash=digest, amount=abs(delta), account=account,
+        effective_at=now(), refers_to_id=charge_txn.id, description=description, actor=actor,
+        details={"bucket": "charged", "delta": money_str(delta), "price": money_str(target)},
+        entries=[_Entry(account.id, a, "charged", part) for a, part in parts],
+    )
 
 
 def transfer(
@@ -625,8 +728,12 @@ def transfer(
             f"{money_str(available)} available"
         )
     entries: list[_Entry] = []
-    for allocation, take in _draw(_buckets(session, [source.id]).get(source.id, ()), amount, at):
-        assert allocation is not None  # available covers amount, so allocations do too
+    drawn = _draw(_buckets(session, [source.id]).get(source.id, ()), amount, at)
+    if any(allocation is None for allocation, _ in drawn):  # the account's own row is never money to give
+        raise InsufficientFunds(f"transfer of {money_str(amount)} refused: the allocations of account "
+                                f"{source.name!r} in force now hold less than that")
+    for allocation, take in drawn:
+        assert allocation is not None
         moved = Allocation(account_id=target.id, amount=take, starts_at=at, ends_at=allocation.ends_at)
         session.add(moved)
         session.flush()
@@ -819,24 +926,35 @@ def adjust(
     description: str = "",
     actor: str = "",
 ) -> LedgerTransaction:
-    """A correction: ``amount`` (signed) added to ``bucket`` of the account or one allocation.
-    A re-rated charge is an adjustment of its ``charged`` bucket referring to the charge."""
+    """A correction: ``amount`` (signed) added to ``bucket`` of one allocation (or, for
+    ``charged``, of the account itself). One that ``refers_to`` a charge re-prices it by
+    ``amount`` (``reprice``): it must be the account's own charge."""
     if bucket not in ("allocated", "charged"):
         raise InvalidInput(f"adjustments apply to 'allocated' or 'charged', not {bucket!r}")
     delta = parse_money(amount, "adjustment", allow_negative=True)
     if allocation is not None and allocation.account_id != account.id:
         raise InvalidInput(f"allocation #{allocation.id} does not belong to {account.name!r}")
+    if refers_to is not None:
+        if refers_to.kind != "charge" or refers_to.account_id != account.id or bucket != "charged" or allocation:
+            raise InvalidInput(f"an adjustment may refer only to a charge of account {account.name!r}, on its "
+                               f"'charged' bucket; #{refers_to.id} is a {refers_to.kind} of account #{refers_to.account_id}")
+        txn = _reprice(session, refers_to, {"delta": delta}, lambda charge_now: charge_now.price + delta,
+                       key=_check_key(key), description=description, actor=actor)
+        if txn is None:
+            raise InvalidInput("an adjustment of 0 changes nothing")
+        return txn
+    if bucket == "allocated" and allocation is None:
+        raise InvalidInput("an adjustment of 'allocated' names the allocation it corrects")
     key = _check_key(key)
     request = {"account": account.id, "amount": delta, "bucket": bucket,
-               "allocation": allocation.id if allocation else None,
-               "refers_to": refers_to.id if refers_to else None}
+               "allocation": allocation.id if allocation else None, "refers_to": None}
     digest = _request_hash("adjustment", request)
     if (done := _lock_then_replay(session, key, digest, account)) is not None:
         return done
     return _write(
         session, kind="adjustment", key=key, request_hash=digest, amount=abs(delta),
-        account=account, effective_at=now(), refers_to_id=refers_to.id if refers_to else None,
-        description=description, actor=actor, details={"bucket": bucket, "delta": money_str(delta)},
+        account=account, effective_at=now(), description=description, actor=actor,
+        details={"bucket": bucket, "delta": money_str(delta)},
         entries=[_Entry(account.id, allocation.id if allocation else None, bucket, delta)],
     )
 
@@ -1025,11 +1143,79 @@ def verify(session: Session) -> list[Mismatch]:
     ):
         problems.append(Mismatch(f"hold #{hold_id}", f"journal has {money_str(journal_left or 0)} still held, "
                                                      f"open holds {money_str(kept or 0)}"))
+    return problems + _bounds(session)
+
+
+# Each finds the rows that break one rule of the journal (read from the entries, not from the
+# running totals, which are checked against the entries above), and says what each row shows.
+_RULES = (
+    """SELECT 'allocation #' || allocation_id || ' of account #' || account_id,
+               'has ' || (allocated - charged + refunded) || ' left, below zero'
+          FROM journal WHERE allocation_id IS NOT NULL AND allocated - charged + refunded < 0""",
+    """SELECT 'allocation #' || allocation_id || ' of account #' || account_id,
+               'holds ' || (allocated - charged + refunded) || ', more than the ' || allocated || ' put into it'
+          FROM journal WHERE allocation_id IS NOT NULL AND refunded > charged""",
+    """SELECT 'account #' || account_id || ' (its own row)',
+               'is ' || (allocated - charged + refunded) || ': the row of what no allocation covered is never positive'
+          FROM journal WHERE allocation_id IS NULL AND (allocated <> 0 OR refunded > charged)""",
+    """SELECT 'account #' || account_id || ' allocation #' || coalesce(allocation_id::text, 'none'),
+               'holds ' || held || ', less than nothing'
+          FROM journal WHERE held < 0""",
+    """SELECT 'charge #' || charge_id,
+               'allocation #' || coalesce(allocation_id::text, 'none (the account)') || ' was given back '
+               || (-carried) || ' more than the charge drew from it'
+          FROM (SELECT CASE WHEN t.kind = 'charge' THEN t.id ELSE t.refers_to_id END AS charge_id, e.allocation_id,
+                       sum(CASE WHEN e.bucket = 'charged' THEN e.amount ELSE -e.amount END) AS carried
+                  FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.transaction_id
+                 WHERE e.bucket IN ('charged', 'refunded')
+                   AND (t.kind = 'charge' OR (t.kind IN ('adjustment', 'refund') AND t.refers_to_id IS NOT NULL))
+                 GROUP BY 1, 2) slices
+         WHERE carried < 0""",
+    """SELECT x.kind || ' #' || x.id,
+               CASE WHEN r.id IS NULL THEN 'refers to no transaction'
+                    ELSE 'refers to ' || r.kind || ' #' || r.id || ' of account #' || r.account_id
+                         || ', not to a ' || CASE WHEN x.kind = 'release' THEN 'hold' ELSE 'charge' END
+                         || ' of its own account #' || x.account_id END
+          FROM ledger_transactions x LEFT JOIN ledger_transactions r ON r.id = x.refers_to_id
+         WHERE (x.kind IN ('refund', 'release') OR (x.kind = 'adjustment' AND x.refers_to_id IS NOT NULL))
+           AND (r.id IS NULL OR r.account_id <> x.account_id
+                OR r.kind <> CASE WHEN x.kind = 'release' THEN 'hold' ELSE 'charge' END)""",
+    """SELECT 'job #' || job_id, count(*) || ' charges for service #' || service_id || ': '
+               || string_agg('#' || id, ', ' ORDER BY id) || ' (one per run and resource)'
+          FROM ledger_transactions WHERE kind = 'charge' AND job_id IS NOT NULL
+         GROUP BY job_id, service_id HAVING count(*) > 1""",
+    """SELECT 'hold #' || h.hold_id,
+               CASE WHEN j.id IS NULL THEN 'is open for job #' || h.job_id || ', which is not recorded'
+                    WHEN j.end_time IS NOT NULL THEN 'is still open, but its job #' || j.id || ' ended at ' || j.end_time
+                    ELSE 'is held on account #' || h.account_id || ', its job #' || j.id || ' on account #' || j.account_id
+               END
+          FROM open_holds h LEFT JOIN jobs j ON j.id = h.job_id
+         WHERE h.job_id IS NOT NULL
+           AND (j.id IS NULL OR j.end_time IS NOT NULL OR j.account_id IS DISTINCT FROM h.account_id)""",
+)
+_JOURNAL = """WITH journal AS (
+    SELECT account_id, allocation_id,
+           coalesce(sum(amount) FILTER (WHERE bucket = 'allocated'), 0) AS allocated,
+           coalesce(sum(amount) FILTER (WHERE bucket = 'charged'), 0) AS charged,
+           coalesce(sum(amount) FILTER (WHERE bucket = 'refunded'), 0) AS refunded,
+           coalesce(sum(amount) FILTER (WHERE bucket = 'held'), 0) AS held
+      FROM ledger_entries GROUP BY account_id, allocation_id)
+"""
+
+
+def _bounds(session: Session) -> list[Mismatch]:
+    """The rules money obeys: every allocation holds between nothing and what was put into it (a
+    charge draws no more than it has; the credit limit lets the account's own row go below zero); the account's own row is never positive; no slice of a charge is given
+    back more than it carried; refunds and adjustments refer to a charge of their own account;
+    one charge per job run and resource; an open hold belongs to a job still running."""
+    problems: list[Mismatch] = []
+    for sql in _RULES:
+        problems += [Mismatch(what, detail) for what, detail in session.execute(text(_JOURNAL + sql))]
     return problems
 
 
 __all__ = [
-    "Balance", "Mismatch", "account_balance", "adjust", "charge", "deposit", "expire_holds", "hold",
-    "project_balance", "rate_at", "refund", "refundable", "release", "release_earlier_runs",
-    "release_requeued_holds", "settle_holds", "transfer", "verify",
+    "Balance", "Carried", "Mismatch", "account_balance", "adjust", "carried", "charge", "deposit", "expire_holds",
+    "hold", "prices", "project_balance", "refund", "refund_share", "refundable", "release", "release_earlier_runs",
+    "release_requeued_holds", "reprice", "settle_holds", "transfer", "verify",
 ]

@@ -376,7 +376,12 @@ class LedgerEntry(Base):
 
 
 class AccountBalance(Base):
-    """Running totals of ``ledger_entries`` per account and allocation, kept by the ledger."""
+    """Running totals of ``ledger_entries`` per account and allocation, kept by the ledger.
+
+    The rules money obeys are checked on every row written, after each statement (migration
+    0009; a CHECK constraint would see the upsert's increment, not the total): no allocation ends
+    with more than was put into it, nor with less than nothing; the account's own row (what no
+    allocation covered) holds no allocated money and is never positive; nothing is held below zero."""
 
     __tablename__ = "account_balances"
     __table_args__ = (

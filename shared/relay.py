@@ -408,7 +408,7 @@ class Relay:
 
 
 def applied_tasks(task_ids: list[str]) -> set[str]:
-    """Which of these tasks a worker has applied (``services.batches`` marks them)."""
+    """Which of these tasks a worker has applied (``shared.batches`` marks them)."""
     from sqlalchemy import select
 
     from shared.db import session_scope

@@ -19,6 +19,7 @@ from shared import ledger
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Job, LedgerTransaction, OpenHold
+from shared.rating.jobs import REFUSED
 from tests.events import job_completed, raw
 
 D = Decimal
@@ -68,8 +69,14 @@ def test_an_account_without_money_is_refused_under_reject_and_nothing_is_held() 
     # What every cluster user may read in the job's AdminComment: not the account's balance.
     assert decision.reason == "account 'phys' cannot cover this job: it may cost up to 0.30 (60 min limit)"
     assert holds() == [] and held() == 0
-    with session_scope() as s:  # nor a row for a job that did not start
-        assert s.scalars(select(Job).where(Job.job_id == "1")).all() == []
+    with session_scope() as s:  # its row says it never ran: the record of its requeue charges nothing
+        [job] = s.scalars(select(Job).where(Job.job_id == "1")).all()
+        assert (job.state, job.charge_policy) == ("PENDING", REFUSED)
+    start = request(1).start_time
+    with session_scope() as s:  # Slurm requeues it: jobcomp's PENDING record of the refused run
+        charge_events(s, [raw(job_completed(1, cpus=6, seconds=2, end=start + dt.timedelta(seconds=2),
+                                            state="PENDING"))])
+    assert balance("phys").charged == 0 and verify() == []
 
 
 def test_a_funded_job_holds_its_most_cost_linked_to_its_job() -> None:
@@ -182,7 +189,8 @@ def releases() -> list[LedgerTransaction]:
 
 
 def pending_record(job: int, start: dt.datetime, requeued_at: dt.datetime) -> str:
-    """jobcomp's record of a run that Slurm requeued: PENDING, from its start to the requeue."""
+    """jobcomp's record of a run that Slurm requeued: PENDING, from its start to the requeue,
+    under the run's submit time (the next run is submitted anew at the requeue)."""
     return raw(job_completed(job, cpus=6, seconds=int((requeued_at - start).total_seconds()), end=requeued_at,
                              state="PENDING")).decode()
 
@@ -195,23 +203,24 @@ def test_a_requeued_job_asking_again_gives_back_what_its_earlier_run_held(monkey
     assert ask(request(30, start=first_start)).held == COST
     monkeypatch.undo()
     # The next run asks before the first run's record arrives (the pipeline may be down): it is
-    # admitted, holding its own 0.30 in place of the first run's.
-    second = ask(request(30, start=first_start, restart=1))
+    # admitted, holding its own 0.30 in place of the first run's. Slurm submitted it anew.
+    second = ask(request(30, start=requeued_at + dt.timedelta(minutes=3), restart=1))
     assert second.admit and second.held == COST and held() == COST
     [rerun] = releases()
     assert rerun.refers_to_id == holds()[0].id
-    with session_scope() as s:  # the first run's record, late: the running one's hold stays
+    with session_scope() as s:  # the first run's record, late: charged; the running one's hold stays
         charge_events(s, [pending_record(30, first_start, requeued_at)])
     assert held() == COST and len(releases()) == 1
+    assert balance("phys").charged == D("0.025")  # 6 CPUs for the 5 minutes the first run ran
     assert verify() == []
 
 
-def test_the_record_of_a_requeued_run_gives_back_its_hold() -> None:
+def test_a_requeued_run_is_charged_for_the_time_it_ran_and_gives_back_its_hold() -> None:
     deposit("phys", "10", start="2000-01-01")
     start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=10)
     assert ask(request(31, start=start)).held == COST
-    # Requeued at once (and then, say, cancelled while pending: no next run asks), in the second
-    # the hold was placed in: Slurm's times are whole seconds, so the record says earlier.
+    # Requeued by its user after 10 minutes (and then, say, cancelled while pending: no next
+    # run asks): 6 CPUs x 10 minutes are charged under the REQUEUED policy, and its hold settled.
     requeued_at = dt.datetime.now(UTC).replace(microsecond=0)
     with session_scope() as s:
         charge_events(s, [pending_record(31, start, requeued_at)])
@@ -221,8 +230,28 @@ def test_the_record_of_a_requeued_run_gives_back_its_hold() -> None:
     assert release.refers_to_id == holds()[0].id
     with session_scope() as s:
         assert s.scalars(select(OpenHold)).all() == []
-        assert s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "charge")).all() == []
+        [charge] = s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "charge")).all()
+        assert (charge.amount, charge.details["state"]) == (D("0.05"), "REQUEUED")
     assert verify() == []
+
+
+def test_a_site_may_make_requeued_runs_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENACCT_FREE_STATES", '["NODE_FAIL", "REQUEUED"]')
+    from shared.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        deposit("phys", "10", start="2000-01-01")
+        start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=10)
+        with session_scope() as s:
+            charge_events(s, [pending_record(32, start, start + dt.timedelta(minutes=10))])
+        assert balance("phys").charged == 0
+        with session_scope() as s:
+            [job] = s.scalars(select(Job).where(Job.job_id == "32")).all()
+            assert (job.state, job.charge_policy) == ("REQUEUED", "state REQUEUED is not charged")
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
 
 
 def test_a_gpu_job_on_a_system_that_charges_no_gpus_is_priced_for_its_cpus() -> None:

@@ -103,8 +103,8 @@ def test_verify_is_clean_after_a_batch() -> None:
         assert ledger.verify(s) == []
         total = s.scalar(select(func.sum(LedgerTransaction.amount)).where(LedgerTransaction.kind == "charge"))
     six = D("0.000001")
-    quantities = [(D(i + 1) * D(600 * (i + 1)) / 3600).quantize(six, ROUND_HALF_UP) for i in range(50)]
-    assert total == sum((q * D("0.05")).quantize(six, ROUND_HALF_UP) for q in quantities)
+    # Priced from the exact CPU-seconds, rounded once (not from hours rounded to 6 places first).
+    assert total == sum((D(i + 1) * D(600 * (i + 1)) * D("0.05") / 3600).quantize(six, ROUND_HALF_UP) for i in range(50))
 
 
 

@@ -1,6 +1,6 @@
 """Dead letters from parking to replay, and what ``job show`` / ``transactions --job`` tell about a
 charge, through the CLI in process (``openacct.cli.run``); and the worker's batch runner
-(``services.batches.run_batch``): poison batches and events that fail on their own.
+(``shared.batches.run_batch``): poison batches and events that fail on their own.
 
 Every test runs in the rolled-back transaction of ``db_connection`` (through ``quickstart``).
 """
@@ -18,8 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from openacct.shortcuts import add_user_to_project, create_user, deposit
-from services.batches import Outcome, run_batch
 from services.charger.batch import charge_events
+from shared.batches import Outcome, run_batch
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.models import ChargeMultiplier, LedgerTransaction, ParkedEvent, System

@@ -21,11 +21,14 @@ from pathlib import Path
 import pytest
 
 from openacct.cli import run as cli
-from openacct.hooks import ctld_state, run, slurm, slurm_values
-from openacct.hooks.job_event import BadInput, encode
+from openacct.hooks import run
 from shared import spool
 from shared.config import get_settings
 from shared.events import parse_event
+from shared.job_event import BadInput, encode
+from shared.slurm import ctld_state
+from shared.slurm import records as slurm
+from shared.slurm import values as slurm_values
 
 FIXTURE = Path(__file__).parent / "fixtures" / "slurm-22.05-hook-env.jsonl"
 RECORDS = [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]

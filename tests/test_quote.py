@@ -7,10 +7,10 @@ from decimal import Decimal
 import pytest
 
 from openacct.shortcuts import charge, deposit, get_system
-from services.charger.directory import Unresolved
-from services.charger.quote import quote
 from shared.db import session_scope
 from shared.models import ChargeMultiplier
+from shared.rating.directory import Unresolved
+from shared.rating.quote import quote
 
 D = Decimal
 

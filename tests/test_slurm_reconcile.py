@@ -4,7 +4,7 @@ with them.
 
 tests/fixtures/slurm-22.05-sacct.txt is the output of, on a single-node Slurm with slurmdbd::
 
-    TZ=UTC SLURM_TIME_FORMAT=%s sacct -a -X -P -n -D -S ... -E now -s <openacct.sacct.ENDED> -o <FIELDS>
+    TZ=UTC SLURM_TIME_FORMAT=%s sacct -a -X -P -n -D -S ... -E now -s <shared.slurm.sacct.ENDED> -o <FIELDS>
 
 and tests/fixtures/slurm-22.05-sacct-jobcomp.jsonl holds the jobcomp/script environments of the
 same jobs, recorded by a hook that saved its environment (completed, failed, array tasks, two
@@ -14,6 +14,7 @@ timeout, srun, GPUs, and a requeued job, whose first run jobcomp reports as PEND
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import sys
@@ -24,15 +25,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from openacct import sacct, shortcuts
-from openacct.hooks import slurm
-from openacct.hooks.job_event import encode, job_event
-from openacct.sacct import FIELDS, parse
-from openacct.slurm_reconcile import reconcile
+from openacct import shortcuts
 from services.charger.batch import charge_events
-from shared import config
+from shared import config, ledger
 from shared.db import session_scope
+from shared.job_event import encode, job_event
 from shared.models import ChargeMultiplier, LedgerTransaction, ParkedEvent
+from shared.slurm import records as slurm
+from shared.slurm import sacct
+from shared.slurm.reconcile import reconcile
+from shared.slurm.sacct import FIELDS, parse
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SACCT = (FIXTURES / "slurm-22.05-sacct.txt").read_text()
@@ -423,3 +425,28 @@ def test_the_beat_runs_reconcile_only_when_scheduled() -> None:
     entry = on.conf.beat_schedule["slurm-reconcile"]
     assert entry["task"] == "reporter.reconcile" and entry["options"]["queue"] == "reporter"
     assert str(entry["schedule"].minute) == "{0, 30}"
+
+
+@pytest.mark.usefixtures("recon")
+def test_where_the_epilog_reports_ends_a_job_admission_recorded_with_its_submit_time_is_charged_once() -> None:
+    """Admission control's prolog records the job under its real submit time (from squeue), and
+    the epilog's event finds that row by its start: reconcile publishes under the epilog's id."""
+    from shared.jobs import upsert_jobs
+
+    (two,) = [env for env in final_jobcomp() if env["JOBNAME"] == "two"]
+    _, ended = ctld_events(two, 1, 1)
+    with session_scope() as s:
+        system = shortcuts.get_system("recon").id
+        upsert_jobs(s, [{"system_id": system, "job_id": "4", "array_task_id": None, "het_offset": None,
+                         "submit_time": dt.datetime.fromtimestamp(int(two["SUBMIT"]), dt.UTC),
+                         "start_time": dt.datetime.fromtimestamp(int(two["START"]) + 1, dt.UTC),
+                         "user_id": shortcuts.get_user("root").id, "account_id": shortcuts.get_account("root").id,
+                         "state": "RUNNING", "cpus": 2}])
+    result, published = run_reconcile(end_hook="epilogctld")
+    assert by_job(result)["4"] == "published"
+    [(event_id, raw_event)] = [(i, r) for i, r in published if json.loads(r)["job_id"] == "4"]
+    assert event_id == json.loads(ended)["event_id"]  # not jobcomp's: the epilog's may still come
+    charge([raw_event, ended])  # reconcile's, then the epilog's own: one charge, one job row
+    assert charges() == 1
+    with session_scope() as s:
+        assert ledger.verify(s) == []

@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from openacct.shortcuts import add_user_to_project, create_user
-from openacct.slurm_sync import parse_associations, plan, wanted
 from shared.db import session_scope
 from shared.errors import InvalidInput
+from shared.slurm.sync import parse_associations, plan, wanted
 
 SACCTMGR_LISTING = "root|\nroot|root\nphys|\nphys|tux\nphys|alice\nlocal|\nlocal|ops\n"
 

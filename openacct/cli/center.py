@@ -26,9 +26,10 @@ from shared.models import (
     System,
     User,
 )
+from shared.rating.price import rate_at
 
 if TYPE_CHECKING:
-    from openacct.slurm_reconcile import Reconciliation
+    from shared.slurm.reconcile import Reconciliation
 
 Description = Annotated[str, typer.Option("--description", "-d", help="Free text.")]
 
@@ -93,7 +94,7 @@ def service_list(
 def _rate_or_none(session: Session, service: Service, at: dt.datetime) -> Decimal | None:
     """The rate in effect at ``at``; None for a service whose first rate starts later."""
     try:
-        return ledger.rate_at(session, service, at)
+        return rate_at(session, service.id, at, service.name)
     except NotFound:
         return None
 
@@ -289,8 +290,8 @@ def slurm_sync(
     import shlex
     import subprocess
 
-    from openacct import slurm_sync as sync
     from shared.config import get_settings
+    from shared.slurm import sync
 
     name = cluster or get_settings().default_system
     if name is None:
@@ -324,10 +325,10 @@ def slurm_reconcile(
     missing); 3: sacct is missing, failed or cannot reach slurmdbd."""
     import time
 
-    from openacct import sacct
-    from openacct import slurm_reconcile as rec
-    from openacct.slurm_sync import NAME
     from shared.config import get_settings
+    from shared.slurm import reconcile as rec
+    from shared.slurm import sacct
+    from shared.slurm.sync import NAME
     from shared.timestamps import parse_time
 
     settings = get_settings()

@@ -182,9 +182,9 @@ def quote(
     as_json: JsonFlag = False,
 ) -> None:
     """The most a job would cost, and whether its account can pay that now; exit 1 if not."""
-    from openacct.hooks.slurm_values import time_limit_minutes
-    from services.charger.directory import Unresolved
-    from services.charger.quote import quote as price
+    from shared.rating.directory import Unresolved
+    from shared.rating.quote import quote as price
+    from shared.slurm.values import time_limit_minutes
 
     minutes = time_limit_minutes(time)
     if minutes is None or minutes <= 0:

@@ -17,12 +17,12 @@ from typing import IO, Annotated
 
 import typer
 
-from openacct.hooks import slurm
-from openacct.hooks.job_event import BadInput, encode
 from shared import spool
 from shared.config import get_settings
 from shared.errors import InvalidInput
 from shared.events import EventRejected, parse_event
+from shared.job_event import BadInput, encode
+from shared.slurm import records as slurm
 
 
 class RecordKind(enum.StrEnum):

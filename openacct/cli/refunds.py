@@ -140,7 +140,7 @@ def _send(requests: list[RefundRequested]) -> dt.datetime:
 def _jobs_on(system: str, broken: set[str], start: dt.datetime, end: dt.datetime) -> list[tuple[Job, Decimal]]:
     """Charged jobs of ``system`` that overlapped [start, end) on a broken node, with what is
     left to refund of each (jobs refunded in full already are left out)."""
-    from services.charger.directory import system_named
+    from shared.rating.directory import system_named
 
     with session_scope() as s:
         named = system_named(s, system)

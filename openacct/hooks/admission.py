@@ -19,9 +19,9 @@ import socket
 import time
 from collections.abc import Mapping
 
-from openacct.hooks import slurm_values as v
-from openacct.hooks.job_event import BadInput, encode, iso_utc
 from shared.hookconfig import HookSettings
+from shared.job_event import BadInput, encode, iso_utc
+from shared.slurm import values as v
 
 # squeue's fields: time limit, submit time (epoch with SLURM_TIME_FORMAT=%s), QOS, TRES per node.
 SQUEUE_FORMAT = "%l|%V|%q|%b"

@@ -13,10 +13,11 @@ import sys
 import time
 from collections.abc import Mapping
 
-from openacct.hooks import ctld_state, slurm
-from openacct.hooks.job_event import BadInput, encode
 from shared import spool
 from shared.hookconfig import HookSettings, default_data_dir
+from shared.job_event import BadInput, encode
+from shared.slurm import ctld_state
+from shared.slurm import records as slurm
 
 
 def run(hook: str, environ: Mapping[bytes, bytes]) -> int:

@@ -24,14 +24,15 @@ from typing import Annotated
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.orm import Session
 
-from services.charger.directory import Directory, Unresolved
-from services.charger.quote import Quote, quote
 from shared import ledger
 from shared.config import Settings
 from shared.errors import InsufficientFunds
 from shared.jobs import upsert_jobs
 from shared.models import Account, Job, System
 from shared.money import money_str
+from shared.rating.directory import Directory, Unresolved
+from shared.rating.jobs import REFUSED
+from shared.rating.quote import Quote, quote
 
 log = logging.getLogger("openacct.admission")
 
@@ -113,6 +114,8 @@ def decide(session: Session, request: AdmissionRequest, settings: Settings) -> D
         ) if priced.total > 0 else None
     except InsufficientFunds:
         refused.rollback()
+        # Slurm requeues the job, and jobcomp reports the run it refused as requeued: charge none of it.
+        _record_job(session, request, priced, minutes, refused=True)
         log.info("job %s: %s", request.job_id, _short(priced, minutes, amounts=True))
         return Decision(False, policy, _short(priced, minutes), priced.total)
     refused.commit()
@@ -150,14 +153,16 @@ def _policy(account: Account | None, system: System | None, settings: Settings) 
             or settings.admission_policy)
 
 
-def _record_job(session: Session, request: AdmissionRequest, priced: Quote, minutes: int) -> Job:
-    """The job's row, under the key its end-of-job event will name, so the hold is linked to it."""
+def _record_job(session: Session, request: AdmissionRequest, priced: Quote, minutes: int, *,
+                refused: bool = False) -> Job:
+    """The job's row, under the key its end-of-job event will name, so the hold is linked to it;
+    that of a run refused says so, so that its requeue record charges nothing."""
     key = {"system_id": priced.system_id, "job_id": request.job_id, "array_task_id": request.array_task_id,
            "het_offset": None, "submit_time": request.submit_time}
     ids = upsert_jobs(session, [{
         **key, "array_job_id": request.array_job_id, "start_time": request.start_time, "user_id": priced.user_id,
         "account_id": priced.account_id, "partition": request.partition, "qos": request.qos,
-        "state": "RUNNING", "node_count": request.nodes or None, "node_list": request.node_list,
+        "state": "PENDING" if refused else "RUNNING", "charge_policy": REFUSED if refused else None, "node_count": request.nodes or None, "node_list": request.node_list,
         "cpus": request.cpus, "gpus": request.gpus, "time_limit_minutes": request.time_limit_minutes,
     }])
     return session.get_one(Job, next(iter(ids.values())))

@@ -2,7 +2,7 @@
 
 A request names one charge (``transaction_id``) or a job (all of its charges), and how much:
 everything still refundable, an ``amount`` spread over the job's charges in proportion to what
-each has left, or a ``fraction`` of what each charge was. The request's event id is its request
+each has left, or a ``fraction`` of what each charge costs now (as re-rated). The request's event id is its request
 id: it is claimed in the inbox with its refunds, so a request delivered or sent again refunds
 once, and each refund's idempotency key (``<request id>/<charge id>``) says the same to the ledger.
 A request the ledger refuses (more than is left, nothing left, no such job) is parked with the
@@ -15,17 +15,16 @@ from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from services.batches import Outcome, sort_out
-from services.charger.directory import system_named
-from shared import ledger
+from shared import inbox, ledger
+from shared.batches import Outcome, sort_out
 from shared.deadletter import Parked, park
 from shared.errors import OpenAcctError
 from shared.events import RefundRequested
-from shared.models import Job, LedgerTransaction, ProcessedEvent
+from shared.models import Job, LedgerTransaction
 from shared.money import money_str
+from shared.rating.directory import system_named
 
 CENT = Decimal("0.000001")
 
@@ -55,16 +54,19 @@ def refund_events(session: Session, items: list[Any], *, source: str = "") -> Ou
 
 def apply(session: Session, request: RefundRequested) -> int | None:
     """Write the refunds a request asks for; None if the request was applied before."""
-    claimed = session.scalar(
-        insert(ProcessedEvent).values(event_id=request.event_id, kind=request.kind)
-        .on_conflict_do_nothing(index_elements=["event_id"]).returning(ProcessedEvent.event_id)
-    )
-    if claimed is None:
+    if not inbox.claim(session, [(request.event_id, request.kind)]):
         return None
     charges = _charges(session, request)
     remaining = {c.id: ledger.refundable(session, c) for c in charges}
-    amounts = _amounts(request, charges, remaining)
+    what = f"transaction #{charges[0].id}" if request.transaction_id else f"job {request.job_id}"
+    if sum(remaining.values(), Decimal(0)) == 0:
+        raise Refused(f"{what} has nothing left to refund: its charges were refunded in full")
     actor = f"refunder for {request.requester}"
+    if request.fraction is not None:  # of what each charge costs now: the ledger decides it, locked
+        written = [ledger.refund_share(session, charge, request.fraction, key=f"{request.event_id}/{charge.id}",
+                                       reason=request.reason, actor=actor) for charge in charges]
+        return sum(1 for txn in written if txn is not None)
+    amounts = _amounts(request, what, charges, remaining)
     for charge in charges:
         if amounts[charge.id] > 0:
             ledger.refund(session, charge, amounts[charge.id], key=f"{request.event_id}/{charge.id}",
@@ -102,20 +104,10 @@ def _charges(session: Session, request: RefundRequested) -> list[LedgerTransacti
     return charges
 
 
-def _amounts(request: RefundRequested, charges: list[LedgerTransaction],
+def _amounts(request: RefundRequested, what: str, charges: list[LedgerTransaction],
              remaining: dict[int, Decimal]) -> dict[int, Decimal]:
+    """An amount (or all) spread over a job's charges in proportion to what each has left."""
     left = sum(remaining.values(), Decimal(0))
-    what = f"transaction #{charges[0].id}" if request.transaction_id else f"job {request.job_id}"
-    if left == 0:
-        raise Refused(f"{what} has nothing left to refund: its charges were refunded in full")
-    if request.fraction is not None:
-        amounts = {c.id: (c.amount * request.fraction).quantize(CENT, ROUND_DOWN) for c in charges}
-        over = [c for c in charges if amounts[c.id] > remaining[c.id]]
-        if over:
-            c = over[0]
-            raise Refused(f"refund of {request.fraction} of charge #{c.id} ({money_str(amounts[c.id])}) refused: "
-                          f"it has {money_str(remaining[c.id])} left to refund")
-        return amounts
     if request.amount is None:
         return dict(remaining)
     if request.amount > left:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.batches import RETRYABLE, run_batch
 from services.refunder.batch import refund_events
+from shared.batches import RETRYABLE, run_batch
 from shared.celery_app import get_app
 
 app = get_app()

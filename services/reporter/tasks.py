@@ -12,18 +12,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from services.batches import RETRYABLE, Outcome, run_batch, sort_out
 from services.reporter import alerts, render, usage
 from services.reporter.statements import month, statements
+from shared import inbox
+from shared.batches import RETRYABLE, Outcome, run_batch, sort_out
 from shared.celery_app import get_app
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.deadletter import Parked, park
 from shared.events import ReportRequested
-from shared.models import ProcessedEvent
 
 app = get_app()
 AVAILABLE = {"alerts", "statements", "rollup"}
@@ -74,7 +73,8 @@ def reconcile_slurm(settle: int = RECONCILE_SETTLE, lookback: int | None = None)
     the way is found missing by the next run."""
     import time
 
-    from openacct import sacct, slurm_reconcile
+    from shared.slurm import reconcile as slurm_reconcile
+    from shared.slurm import sacct
 
     settings = get_settings()
     until = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settle)
@@ -119,10 +119,7 @@ def report_events(session: Session, items: list[Any], *, source: str = "") -> Ou
             continue
         try:
             with session.begin_nested():  # a request that fails leaves no claim: it can be replayed
-                claimed = session.scalar(
-                    insert(ProcessedEvent).values(event_id=request.event_id, kind=request.kind)
-                    .on_conflict_do_nothing(index_elements=["event_id"]).returning(ProcessedEvent.event_id))
-                if claimed is None:
+                if not inbox.claim(session, [(request.event_id, request.kind)]):
                     outcome.duplicates += 1
                     continue
                 if request.report == "alerts":

@@ -1,8 +1,8 @@
 """The center the live Slurm tests charge for, and how they tell what each job should cost.
 
 Each job's charge is worked out from Slurm's own record of it (sacct: AllocCPUS and
-ElapsedRaw), as the README prices use: core-hours rounded half up to 6 places (the quantity the
-ledger records), times the rate, rounded half up to 6 places.
+ElapsedRaw), as the README prices use: core-seconds x the rate / 3600, rounded half up to 6
+places once (the quantity the ledger shows is core-hours rounded to 6 places).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def expected_charge(record: dict[str, str]) -> tuple[Decimal, Decimal] | None:
     core_seconds = int(record["AllocCPUS"]) * int(record["ElapsedRaw"])
     if core_seconds == 0:
         return None
-    quantity = (Decimal(core_seconds) / 3600).quantize(SIX_PLACES, ROUND_HALF_UP)
-    return quantity, (quantity * RATE).quantize(SIX_PLACES, ROUND_HALF_UP)
+    quantity = (Decimal(core_seconds) / 3600).quantize(SIX_PLACES, ROUND_HALF_UP)  # as shown
+    return quantity, (core_seconds * RATE / 3600).quantize(SIX_PLACES, ROUND_HALF_UP)  # priced exactly
 
 
 def ledger_job(s: Session, record: dict[str, str]) -> Job | None:

@@ -159,6 +159,10 @@ def test_a_requeued_job_holds_again_for_its_next_run_in_place_of_the_first(
         wait_until_recorded(lab, [record], slurm_spool)
         wait_for(lambda: balance("poor").held == 0 and len(holds(lab, "release")) == 2, 30,
                  "the next run and its charge to release both holds")
+        # Both runs, as sacct says: the one requeued after running for a while, and the last.
+        runs = slurm._sacct([job], duplicates=True)
+        assert sorted(r["State"].split()[0] for r in runs) == ["COMPLETED", "REQUEUED"]
+        wait_until_recorded(lab, runs, slurm_spool)
     finally:
         for process in processes:
             process.stop()
@@ -166,7 +170,7 @@ def test_a_requeued_job_holds_again_for_its_next_run_in_place_of_the_first(
     assert first.amount == second.amount == MOST
     assert sorted(r.refers_to_id for r in holds(lab, "release")) == [first.id, second.id]
     assert prolog_runs(slurm, job) == [0, 0]
-    assert_charged_as_sacct_says(lab, [record])  # the last run, as sacct says; the requeued one not
+    assert_charged_as_sacct_says(lab, runs)
     with Session(lab) as s:
         assert s.scalars(select(OpenHold)).all() == []
 

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
+from fractions import Fraction
 from types import SimpleNamespace
 
 from sqlalchemy.orm import Session
 
-from services.charger.directory import Directory
 from shared import ledger
-from shared.models import Account, Service
-from shared.money import round_money
-
-QUANTITY = Decimal("0.000001")
+from shared.models import Account
+from shared.rating.directory import Directory
+from shared.rating.price import price, rate_at, rounded
 
 
 @dataclass
@@ -62,19 +61,17 @@ def quote(session: Session, system: str, account: str | None, *, minutes: int, c
     if user is not None:
         directory.check_member(target, user_id, user)
     directory.check_open(target, at)
-    hours = Decimal(minutes) / 60
-    multiplier = (found.multipliers.get(("partition", partition or ""), Decimal(1))
-                  * found.multipliers.get(("qos", qos or ""), Decimal(1)))
+    hours = Fraction(minutes, 60)
+    multiplier = found.multiplier(partition, qos)
     lines = []
     for resource, count in (("cpu", cpus), ("gpu", gpus), ("node", nodes)):
         optional = resource == "node" or (resource == "gpu" and gpus_where_charged)
         if count <= 0 or (optional and resource not in found.services):
             continue
         service_id, service_name = directory.service(found, resource, target)
-        rate = ledger.rate_at(session, session.get_one(Service, service_id), at)
-        quantity = (count * hours).quantize(QUANTITY, rounding=ROUND_HALF_UP)
-        lines.append(QuoteLine(resource, service_name, count, hours, quantity, rate, multiplier,
-                               round_money(quantity * rate * multiplier)))
+        rate = rate_at(session, service_id, at, service_name)
+        lines.append(QuoteLine(resource, service_name, count, rounded(hours), rounded(count * hours), rate,
+                               multiplier, price(count * hours, rate, multiplier)))
     balance = ledger.account_balance(session, session.get_one(Account, target.id), at)
     return Quote(target.name, sum((line.cost for line in lines), Decimal(0)), balance.available,
                  balance.credit_limit, lines, account_id=target.id, system_id=found.id, user_id=user_id)

@@ -2,7 +2,7 @@
 
 jobcomp/script records still queued when slurmctld dies (SIGKILL, a crash) are lost for good,
 while slurmdbd keeps the job. Each sacct record is made into the event the jobcomp hook would
-have built for the job (``openacct.sacct`` maps it onto jobcomp's variables), so its id is the
+have built for the job (``shared.slurm.sacct`` maps it onto jobcomp's variables), so its id is the
 hook's, and the ledger is asked about the job, known by system, job id, array task and submit
 time:
 
@@ -23,23 +23,24 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from openacct.hooks import slurm
-from openacct.hooks.job_event import BadInput, encode
-from openacct.sacct import ENDED, Record
-from services.charger.batch import _plan as charger_plan
-from services.charger.directory import Directory, Unresolved, system_named
-from services.refunder.rerate import _referring_sums
 from shared import bulk, ledger, spool
 from shared.config import get_settings
 from shared.event_id import job_event_id
 from shared.events import EventRejected, JobCompleted, parse_event
+from shared.job_event import BadInput, encode
 from shared.models import Job, LedgerTransaction, ParkedEvent
+from shared.rating.directory import Directory, Unresolved, system_named
+from shared.rating.jobs import plan as charger_plan
+from shared.rating.price import Quantity, RateTables, charged_quantity, hours, price_at, rate_tables
+from shared.slurm import records as slurm
+from shared.slurm.sacct import ENDED, Record
 
 SOURCE = "slurm-reconcile"  # not part of the event id: the hook's and ours are one event
 # The ctld hooks key a job by the prolog's clock, which may be a second or two off Slurm's start.
@@ -149,8 +150,11 @@ def compare(session: Session, candidates: list[_Candidate], end_hook: str = "job
             if system is not None:
                 row, by_start = _recorded(rows.get((system.id, c.event.job_id, c.event.array_task_id), []),
                                           c.event, end_hook)
-            if row is not None and by_start and row.end_time is None:
-                c = _as_epilogs(c, row)  # noqa: PLW2901  (its epilog's event may still be on the way)
+            if row is not None and row.end_time is None and row.start_time is not None and (
+                    by_start or end_hook == "epilogctld"):
+                # Its epilog's event may still be on the way, keyed by the start its prolog saw,
+                # whether the prolog's row carries the submit time (admission's does) or not.
+                c = _as_epilogs(c, row)  # noqa: PLW2901
         except EventRejected as exc:
             findings.append(Finding(c.record.fields["JobID"], "invalid", state=c.record.state, note=str(exc)))
             continue
@@ -222,7 +226,7 @@ def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Findi
     for txn in session.scalars(select(LedgerTransaction).where(
             LedgerTransaction.kind == "charge", bulk.any_of(LedgerTransaction.job_id, [row.id for _, row, _, _ in recorded]))):
         charges[txn.job_id].append(txn)  # type: ignore[index]
-    adjusted, _ = _referring_sums(session, [t.id for ts in charges.values() for t in ts], "adjustment")
+    prices = ledger.prices(session, [t.id for ts in charges.values() for t in ts])
     directory = Directory.load(session, [c.event for c, _, _, _ in recorded])
     free_states = set(get_settings().free_states)
     plans = {}
@@ -231,44 +235,47 @@ def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Findi
             plans[c.event.event_id] = charger_plan(session, directory, c.event, free_states)
         except Unresolved as exc:
             finding.note = f"the charger would not charge sacct's record now: {exc}"
-    rates = ledger.rate_tables(session, {p["service_id"] for plan in plans.values() for p in plan.charges})
+    rates = rate_tables(session, {p["service_id"] for plan in plans.values() for p in plan.charges})
     for c, row, finding, by_start in recorded:
         held = charges[row.id]
-        finding.charged = sum((t.amount + adjusted.get(t.id, Decimal(0)) for t in held), Decimal(0))
+        finding.charged = sum((prices[t.id] for t in held), Decimal(0))
         finding.charged_quantity = {str(t.details.get("resource", t.service_id)): t.quantity or Decimal(0) for t in held}
+        exact = {str(t.details.get("resource", t.service_id)): charged_quantity(t.quantity, t.details) for t in held}
         plan = plans.get(c.event.event_id)
         if plan is None:
             finding.status = "differs"
             continue
         finding.expected_quantity = {p["details"]["resource"]: p["quantity"] for p in plan.charges}
-        finding.expected = _cost(rates, plan.charges, c.event.end_time, finding.expected_quantity)
+        finding.expected = _cost(rates, plan.charges, c.event.end_time,
+                                 {p["details"]["resource"]: p["exact_quantity"] for p in plan.charges})
         same = finding.expected == finding.charged and finding.expected_quantity == finding.charged_quantity
         if not same and by_start and finding.expected is not None and _off_by_clocks_only(
-                plan.charges, finding.charged_quantity, finding.charged, rates, c.event.end_time):
+                plan.charges, exact, finding.charged, rates, c.event.end_time):
             same, finding.note = True, "charged by the ctld hooks' clocks, seconds off sacct's times"
         finding.status = "matches" if same else "differs"
         if finding.expected is None:
             finding.note = "no charge rate in effect at the job's end"
 
 
-def _off_by_clocks_only(planned: list[dict[str, Any]], quantities: dict[str, Decimal], charged: Decimal,
-                        rates: ledger.RateTables, at: dt.datetime) -> bool:
+def _off_by_clocks_only(planned: list[dict[str, Any]], quantities: dict[str, Quantity], charged: Decimal,
+                        rates: RateTables, at: dt.datetime) -> bool:
     """Whether a job the ctld hooks timed by their own clocks was charged as sacct's record
     says but for those clocks: each resource for sacct's time give or take CLOCK_SLACK, and
     for those quantities exactly what the charger would ask (same services, rates, multipliers)."""
-    slack = Decimal(int(CLOCK_SLACK.total_seconds())) / 3600
+    slack = hours(1, int(CLOCK_SLACK.total_seconds()))
     if {p["details"]["resource"] for p in planned} != set(quantities):
         return False
-    if any(abs(p["quantity"] - quantities[p["details"]["resource"]]) > p["details"]["count"] * slack for p in planned):
+    if any(abs(p["exact_quantity"] - Fraction(quantities[p["details"]["resource"]])) > p["details"]["count"] * slack
+           for p in planned):
         return False
     return _cost(rates, planned, at, quantities) == charged
 
 
-def _cost(rates: ledger.RateTables, planned: list[dict[str, Any]], at: dt.datetime,
-          quantities: dict[str, Decimal]) -> Decimal | None:
+def _cost(rates: RateTables, planned: list[dict[str, Any]], at: dt.datetime,
+          quantities: dict[str, Quantity]) -> Decimal | None:
     """What the charger would ask for the planned charges with these quantities (by resource),
     priced as the ledger prices them; None where a rate is missing."""
-    prices = [ledger.price_at(rates, p["service_id"], at, quantities[p["details"]["resource"]], p["multiplier"])
+    prices = [price_at(rates, p["service_id"], at, quantities[p["details"]["resource"]], p["multiplier"])
               for p in planned]
     return None if None in prices else sum((amount for _, amount in prices), Decimal(0))  # type: ignore[misc]
 

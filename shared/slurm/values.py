@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from openacct.hooks.job_event import BadInput
+from shared.job_event import BadInput
 
 # Slurm's NO_VAL (0xfffffffe) as ARRAYTASKID: the job is not an array task.
 NO_VAL = 4294967294

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from openacct.hooks.job_event import BadInput
 from shared import spool
+from shared.job_event import BadInput
 
 STATE = "state"
 

@@ -1,7 +1,7 @@
 """Slurm's accounting records of ended jobs (``sacct``), read as jobcomp/script environments.
 
 Each record is mapped onto the variable names jobcomp/script sets, so that
-``openacct.hooks.slurm.jobcomp_event`` builds from it the very event the hook would have built
+``shared.slurm.records.jobcomp_event`` builds from it the very event the hook would have built
 for that job: the same id, the same fields. What sacct prints differently from jobcomp (an array
 task as ``123_4``, a job that never ran as ``None assigned`` with the CPUs it asked for) is
 translated here, as observed on Slurm 22.05.
@@ -25,7 +25,8 @@ FIELDS = ("JobIDRaw", "JobID", "Cluster", "Submit", "Start", "End", "State", "Ex
 # The end states sacct accounts (it refuses SPECIAL_EXIT). With -s, sacct's window selects jobs
 # that reached one of them in it, which is what "ended in the window" means; without -s, a job
 # whose begin time lay in the future when it was cancelled is left out.
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+# REQUEUED: a run that ended in a requeue (the next run is another record, submitted anew).
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "REQUEUED",
          "BOOT_FAIL", "DEADLINE", "REVOKED")
 TIMEOUT = 120
 NO_VAL = "4294967294"  # jobcomp's ARRAYTASKID of a job that is no array task

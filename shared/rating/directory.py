@@ -55,6 +55,11 @@ class SystemInfo:
     services: dict[str, tuple[int, str]] = field(default_factory=dict)  # resource -> (id, name)
     multipliers: dict[tuple[str, str], Decimal] = field(default_factory=dict)
 
+    def multiplier(self, partition: str | None, qos: str | None) -> Decimal:
+        """What a job in this partition and QoS pays per unit, times the rate."""
+        return (self.multipliers.get(("partition", partition or ""), Decimal(1))
+                * self.multipliers.get(("qos", qos or ""), Decimal(1)))
+
 
 @dataclass
 class Directory:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from openacct.hooks import slurm_values as v
-from openacct.hooks.job_event import BadInput, job_event
+from shared.job_event import BadInput, job_event
+from shared.slurm import values as v
 
 # (system, job id, array task) -> the start recorded by the prolog, in epoch seconds.
 StartLookup = Callable[[str, str, int | None], int | None]
