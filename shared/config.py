@@ -104,6 +104,12 @@ class Settings(BaseSettings):
         default=3600, ge=0,
         description="Seconds past a job's time limit after which its hold expires if the job never reported back.",
     )
+    statement_settle: int = Field(
+        default=600, ge=0, le=86_400,
+        description="Seconds: issued monthly statements count what was posted up to this long before they "
+        "were issued (longer than any writer's transaction lasts); later postings show in the next "
+        "statement as late.",
+    )
     hold_expiry_interval: int = Field(
         default=300, ge=10, description="Seconds between the reporter's runs that expire stale holds.",
     )

@@ -926,9 +926,9 @@ def adjust(
     description: str = "",
     actor: str = "",
 ) -> LedgerTransaction:
-    """A correction: ``amount`` (signed) added to ``bucket`` of one allocation (or, for
-    ``charged``, of the account itself). One that ``refers_to`` a charge re-prices it by
-    ``amount`` (``reprice``): it must be the account's own charge."""
+    """A correction: ``amount`` (signed) added to what one allocation was given (``allocated``),
+    or to what a charge of the account costs (``charged``, ``refers_to`` the charge: it
+    re-prices it by ``amount``, as ``reprice`` does)."""
     if bucket not in ("allocated", "charged"):
         raise InvalidInput(f"adjustments apply to 'allocated' or 'charged', not {bucket!r}")
     delta = parse_money(amount, "adjustment", allow_negative=True)
@@ -943,7 +943,10 @@ def adjust(
         if txn is None:
             raise InvalidInput("an adjustment of 0 changes nothing")
         return txn
-    if bucket == "allocated" and allocation is None:
+    if bucket == "charged":  # else the charges' slices would not add up to what was charged
+        raise InvalidInput("an adjustment of 'charged' re-prices a charge: name it (refers_to); "
+                           "to credit an account, deposit")
+    if allocation is None:
         raise InvalidInput("an adjustment of 'allocated' names the allocation it corrects")
     key = _check_key(key)
     request = {"account": account.id, "amount": delta, "bucket": bucket,
@@ -1168,7 +1171,10 @@ _RULES = (
                        sum(CASE WHEN e.bucket = 'charged' THEN e.amount ELSE -e.amount END) AS carried
                   FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.transaction_id
                  WHERE e.bucket IN ('charged', 'refunded')
-                   AND (t.kind = 'charge' OR (t.kind IN ('adjustment', 'refund') AND t.refers_to_id IS NOT NULL))
+                   AND ((t.kind IN ('adjustment', 'refund') AND t.refers_to_id IS NOT NULL)
+                        OR (t.kind = 'charge' AND EXISTS (  -- a charge nothing refers to is whole
+                            SELECT 1 FROM ledger_transactions r
+                             WHERE r.refers_to_id = t.id AND r.kind IN ('adjustment', 'refund'))))
                  GROUP BY 1, 2) slices
          WHERE carried < 0""",
     """SELECT x.kind || ' #' || x.id,

@@ -561,3 +561,17 @@ class UsageDaily(Base):
     quantity: Mapped[Decimal] = mapped_column(Quantity)
     charged: Mapped[Decimal] = mapped_column(Money)
     refunded: Mapped[Decimal] = mapped_column(Money)
+
+
+class StatementIssued(Base):
+    """A statement period whose statements went out: from then on they count only what was
+    posted by ``cutoff``, so a sent statement never changes, and what is posted later for the
+    period shows in the next statement as a late posting."""
+
+    __tablename__ = "statements_issued"
+
+    period_start: Mapped[dt.datetime] = mapped_column(Timestamp, primary_key=True)
+    period_end: Mapped[dt.datetime] = mapped_column(Timestamp, primary_key=True)
+    cutoff: Mapped[dt.datetime] = mapped_column(Timestamp)
+    issued_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+

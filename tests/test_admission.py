@@ -221,7 +221,7 @@ def test_a_requeued_run_is_charged_for_the_time_it_ran_and_gives_back_its_hold()
     assert ask(request(31, start=start)).held == COST
     # Requeued by its user after 10 minutes (and then, say, cancelled while pending: no next
     # run asks): 6 CPUs x 10 minutes are charged under the REQUEUED policy, and its hold settled.
-    requeued_at = dt.datetime.now(UTC).replace(microsecond=0)
+    requeued_at = start + dt.timedelta(minutes=10)
     with session_scope() as s:
         charge_events(s, [pending_record(31, start, requeued_at)])
         charge_events(s, [pending_record(31, start, requeued_at)])  # again: nothing more
@@ -338,3 +338,22 @@ def test_bad_requests_are_refused_with_the_field_at_fault() -> None:
     assert "job_id" in answer(json.dumps({**good, "job_id": "1; rm"}).encode(), Settings())["error"]
     assert "extra" in answer(json.dumps({**good, "price": 0}).encode(), Settings())["error"].lower()
     assert answer(b"not json", Settings())["error"].startswith("invalid request")
+
+
+def test_a_run_refused_then_admitted_is_charged_and_one_refused_then_cancelled_is_not() -> None:
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(hours=2)
+    assert not ask(request(40, start=start)).admit  # no money yet
+    deposit("phys", "10", start="2000-01-01")
+    assert ask(request(40, start=start)).admit  # asked again for the same run: it runs after all
+    assert not ask(request(41, account="chem", start=start)).admit  # chem has nothing
+    end = start + dt.timedelta(hours=1)
+    with session_scope() as s:  # 40 ran its hour; 41 was refused, and then cancelled rather than requeued
+        charge_events(s, [raw(job_completed(40, cpus=6, seconds=3600, end=end)).decode(),
+                          raw(job_completed(41, account="chem", cpus=6, seconds=3600, end=end,
+                                            state="CANCELLED")).decode()])
+    with session_scope() as s:
+        charged = {job: amount for job, amount in s.execute(
+            select(Job.job_id, LedgerTransaction.amount).join(LedgerTransaction, LedgerTransaction.job_id == Job.id)
+            .where(LedgerTransaction.kind == "charge"))}
+    assert charged == {"40": COST}
+    assert verify() == []

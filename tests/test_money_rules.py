@@ -244,6 +244,8 @@ def test_an_adjustment_may_refer_only_to_a_charge_of_its_own_account() -> None:
         record_transaction("adjustment", "phys", amount="-1", bucket="charged", refers_to=c.id)
     with pytest.raises(InvalidInput, match="names the allocation it corrects"):
         record_transaction("adjustment", "phys", amount="5", bucket="allocated")  # money that never expires
+    with pytest.raises(InvalidInput, match="re-prices a charge: name it"):  # slices that add up to nothing
+        record_transaction("adjustment", "phys", amount="-70", bucket="charged")
     assert balance("chem").charged == D("5") and verify() == []
 
 
@@ -330,3 +332,19 @@ def test_verify_names_every_row_written_the_way_the_bugs_wrote_them(db_connectio
     assert f"account #{chem} (its own row): is 1.000000" in found
     assert f"job #{job}: 2 charges for service #{get_service(SERVICE).id}" in found
     assert f"hold #{hold}: is still open, but its job #{job} ended at" in found
+
+
+@pytest.mark.usefixtures("quickstart")
+def test_a_row_a_bug_left_broken_keeps_its_account_working_but_is_never_made_worse(db_connection) -> None:  # type: ignore[no-untyped-def]
+    deposit("phys", "100")
+    charge("phys", SERVICE, "4000")  # 200: 100 from the allocation, 100 owed by the account itself
+    phys = get_account("phys").id
+    db_connection.execute(text("SET LOCAL session_replication_role = replica"))  # as the old bug left it
+    db_connection.execute(text("UPDATE account_balances SET refunded = charged + 5 WHERE account_id = :a "
+                               "AND allocation_id IS NULL"), {"a": phys})
+    db_connection.execute(text("SET LOCAL session_replication_role = origin"))
+    with session_scope() as s:  # a hold and its release touch the broken row and leave it no worse
+        ledger.release(s, ledger.hold(s, get_account("phys"), "1", limit="none"))
+    with pytest.raises(Exception, match="the row of what no allocation covered would be positive"):
+        db_connection.execute(text("UPDATE account_balances SET refunded = refunded + 1 WHERE account_id = :a "
+                                   "AND allocation_id IS NULL"), {"a": phys})

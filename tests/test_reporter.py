@@ -4,6 +4,7 @@ whole, requests for reports not available parked with the reason."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -25,8 +26,18 @@ def apply(*items: str):  # type: ignore[no-untyped-def]
         return report_events(s, list(items))
 
 
+@pytest.fixture
+def settled_now(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Statements issued count what was posted up to this very second (the history was posted now)."""
+    monkeypatch.setenv("OPENACCT_STATEMENT_SETTLE", "0")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
 @pytest.mark.usefixtures("quickstart")
-def test_report_requests_are_applied_once_and_unknown_reports_parked() -> None:
+def test_report_requests_are_applied_once_and_unknown_reports_parked(settled_now: None) -> None:
     deposit("phys", "100", start="2026-01-01")
     charge("phys", "cluster-core-hours", "1200", user="tux", effective_at="2026-10-05T12:00:00Z")  # 60 of 100
     outcome = apply(request("r:1", "alerts"), request("r:2", "statements", period="2026-10"),

@@ -15,7 +15,7 @@ from shared.embedded import ensure_database
 from shared.migrate import alembic_config, upgrade
 from shared.models import Base
 
-HEAD = "0009"
+HEAD = "0010"
 
 
 def test_migrated_database_matches_the_models(engine: Engine) -> None:

@@ -117,3 +117,31 @@ def test_an_allocation_that_ended_long_ago_does_not_appear() -> None:
         (st,) = statements(s, *month("2026-10"), ["chem"])
     assert (st.allocations_started, st.allocations_ended, st.opening, st.closing) == (0, 0, D("50"), D("50"))
     assert st.balanced
+
+
+@pytest.mark.usefixtures("history")
+def test_a_sent_statement_never_changes_and_a_late_charge_shows_next_month_as_late(db_connection) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    from services.reporter.statements import issue
+
+    october, november = month("2026-10"), month("2026-11")
+    with session_scope() as s:
+        issue(s, *october, settle=0)  # October's statements went out
+        [sent] = statements(s, *october, ["phys"])
+    # Posted after they went out: a job's charge for October 30th that arrived late (this test is
+    # one transaction, one now(): its posting time is moved past the cutoff, as a later one's is).
+    late = charge("phys", "cluster-core-hours", "20", user="tux", effective_at=at(30))  # 1.00
+    db_connection.execute(text("SET LOCAL session_replication_role = replica"))  # past the append-only rule
+    db_connection.execute(text("UPDATE ledger_transactions SET created_at = created_at + interval '1 minute' "
+                               "WHERE id = :id"), {"id": late.id})
+    db_connection.execute(text("SET LOCAL session_replication_role = origin"))
+    with session_scope() as s:
+        [again] = statements(s, *october, ["phys"])
+        [next_month] = statements(s, *november, ["phys"])
+    assert again == sent  # to the last line
+    [line] = [x for x in next_month.lines if x.transaction_id == late.id]
+    assert line.late and line.amount == D("-1") and line.effective_at == dt.datetime.fromisoformat(at(30))
+    assert next_month.opening == sent.closing and next_month.balanced
+    assert next_month.closing == balance("phys", at=(november[1] - INSTANT).isoformat()).available
+    assert "late posting" in render.to_csv(next_month) and "(late posting)" in render.to_html(next_month)

@@ -165,5 +165,9 @@ def _record_job(session: Session, request: AdmissionRequest, priced: Quote, minu
         "state": "PENDING" if refused else "RUNNING", "charge_policy": REFUSED if refused else None, "node_count": request.nodes or None, "node_list": request.node_list,
         "cpus": request.cpus, "gpus": request.gpus, "time_limit_minutes": request.time_limit_minutes,
     }])
-    return session.get_one(Job, next(iter(ids.values())))
+    job = session.get_one(Job, next(iter(ids.values())))
+    if not refused and job.charge_policy == REFUSED:  # refused before, admitted now: it runs after all
+        job.charge_policy = None
+        session.flush()
+    return job
 

@@ -23,7 +23,7 @@ from shared.events import JobCompleted, JobStarted
 from shared.jobs import job_key, upsert_jobs
 from shared.models import Job, LedgerTransaction
 from shared.rating.directory import Directory, Unresolved
-from shared.rating.jobs import Plan, plan
+from shared.rating.jobs import Plan, plan, refused_runs
 
 
 def charge_events(session: Session, items: list[Any], *, source: str = "") -> Outcome:
@@ -35,6 +35,7 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
     outcome.duplicates += len(candidates) - len(fresh)
     directory = Directory.load(session, (e for e, _ in fresh))
     gpus_at_start = _gpus_at_start(session, directory, [e for e, _ in fresh])
+    refused = refused_runs(session, (e for e, _ in fresh))
     settings = get_settings()
     plans: list[Plan] = []
     planned: set[str] = set()
@@ -47,7 +48,7 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
             continue
         try:
             plans.append(plan(session, directory, event, set(settings.free_states),
-                              gpus_at_start.get(_gpu_key(directory, event))))
+                              gpus_at_start.get(_gpu_key(directory, event)), refused))
             planned.add(event.event_id)
         except Unresolved as exc:
             parked.append(Parked(raw, str(exc), event.event_id, event.kind, source))

@@ -45,12 +45,14 @@ def _json_value(value: Any) -> Any:
 def to_csv(statement: Statement) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["project", "effective_at", "transaction", "kind", "account", "service", "description", "amount"])
+    writer.writerow(["project", "effective_at", "transaction", "kind", "account", "service", "description", "amount",
+                     "late"])
     writer.writerow([statement.project, statement.start.isoformat(), "", "opening balance", "", "", "",
                      money_str(statement.opening)])
     for line in statement.lines:
         writer.writerow([statement.project, line.effective_at.isoformat(), line.transaction_id, line.kind,
-                         line.account, line.service or "", line.description, money_str(line.amount)])
+                         line.account, line.service or "", line.description, money_str(line.amount),
+                         "late posting" if line.late else ""])
     for key, label in (("allocations_started", "allocations that began"), ("allocations_ended", "allocations that ended")):
         if getattr(statement, key):
             writer.writerow([statement.project, statement.end.isoformat(), "", label, "", "", "",
@@ -66,7 +68,8 @@ def to_html(statement: Statement) -> str:
     rows = "".join(f"<tr><td>{e(label)}</td><td class=n>{e(money_str(amount))}</td></tr>"
                    for label, amount in summary(statement))
     items = "".join(
-        f"<tr><td>{line.effective_at:%Y-%m-%d %H:%M}</td><td>{line.transaction_id}</td><td>{e(line.kind)}</td>"
+        f"<tr><td>{line.effective_at:%Y-%m-%d %H:%M}{' (late posting)' if line.late else ''}</td>"
+        f"<td>{line.transaction_id}</td><td>{e(line.kind)}</td>"
         f"<td>{e(line.account)}</td><td>{e(line.service or '')}</td><td>{e(line.description)}</td>"
         f"<td class=n>{e(money_str(line.amount))}</td></tr>"
         for line in statement.lines)
@@ -94,8 +97,8 @@ def daily_chart(statement: Statement) -> str:
     """An inline SVG bar chart of the charges (net of refunds) of each day of the period."""
     per_day: dict[str, Decimal] = defaultdict(Decimal)
     for line in statement.lines:
-        if line.kind in ("charge", "refund"):
-            per_day[f"{line.effective_at:%Y-%m-%d}"] -= line.amount
+        if line.kind in ("charge", "refund"):  # a late posting counts on the day it came in
+            per_day[f"{max(line.effective_at, statement.start):%Y-%m-%d}"] -= line.amount
     if not per_day:
         return "<p>No charges in this period.</p>"
     first, last = statement.start.date(), (statement.end - dt.timedelta(microseconds=1)).date()

@@ -11,6 +11,14 @@ decimal, and closing is the ledger's own balance as of the last instant of the p
 
 Every project of a statement run is computed by the same three grouped queries, whatever the
 number of projects.
+
+A statement sent never changes. Once a period's statements are issued (``issue``: the reporter's
+monthly files), they count only what was posted (written to the ledger) by the issue's cutoff,
+``statement_settle`` seconds before it was issued (longer than any writer's transaction lasts,
+so that none still committing can slip in). What is posted
+later for a period that was issued, a job's charge that arrived late say, shows in the statement
+of the next period as a late posting (``Line.late``), with its own effective date: the next
+statement opens at the issued one's closing balance, and opening + activity = closing still holds.
 """
 
 from __future__ import annotations
@@ -21,10 +29,19 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import and_, case, false, func, select, true
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from shared.models import Account, Allocation, LedgerEntry, LedgerTransaction, Project, Service
+from shared.models import (
+    Account,
+    Allocation,
+    LedgerEntry,
+    LedgerTransaction,
+    Project,
+    Service,
+    StatementIssued,
+)
 
 ZERO = Decimal(0)
 INSTANT = dt.timedelta(microseconds=1)  # PostgreSQL's resolution: "just before"
@@ -34,6 +51,7 @@ EFFECT = case(
     else_=-LedgerEntry.amount,
 )
 KINDS = ("deposit", "charge", "refund", "adjustment", "transfer", "hold", "release")
+POSTED = LedgerTransaction.created_at
 
 
 @dataclass
@@ -45,6 +63,7 @@ class Line:
     service: str | None
     description: str
     amount: Decimal  # its effect on the project's available balance
+    late: bool = False  # effective in an earlier period whose statement was already issued
 
 
 @dataclass
@@ -86,17 +105,24 @@ def statements(session: Session, start: dt.datetime, end: dt.datetime, projects:
     if not found:
         return []
     project_of = Account.project_id
+    opened_by, closed_by = _cutoff(session, end=start), _cutoff(session, start=start, end=end)
+    known_at_start = true() if opened_by is None else POSTED <= opened_by
+    known_at_end = true() if closed_by is None else POSTED <= closed_by
+    # Posted too late for the statement that covered its moment: this one shows it.
+    late = false() if opened_by is None else and_(LedgerEntry.effective_at < start, POSTED > opened_by)
+    in_period = and_(known_at_end, (LedgerEntry.effective_at >= start) & (LedgerEntry.effective_at < end) | late)
 
     # Per project and allocation (NULL: the account itself): its entries' effect up to the start
-    # and up to the end, and whether it is in force then.
-    upto_start = func.coalesce(func.sum(EFFECT).filter(LedgerEntry.effective_at <= opened), 0)
+    # and up to the end, as known when each was drawn, and whether it is in force then.
+    upto_start = func.coalesce(func.sum(EFFECT).filter(LedgerEntry.effective_at <= opened, known_at_start), 0)
     upto_end = func.coalesce(func.sum(EFFECT), 0)
     per_allocation = session.execute(
         select(project_of, LedgerEntry.allocation_id, upto_start, upto_end,
                Allocation.starts_at, Allocation.ends_at)
         .join(Account, Account.id == LedgerEntry.account_id)
+        .join(LedgerTransaction, LedgerTransaction.id == LedgerEntry.transaction_id)
         .outerjoin(Allocation, Allocation.id == LedgerEntry.allocation_id)
-        .where(project_of.in_(found), LedgerEntry.effective_at <= closed)
+        .where(project_of.in_(found), LedgerEntry.effective_at <= closed, known_at_end)
         .group_by(project_of, LedgerEntry.allocation_id, Allocation.starts_at, Allocation.ends_at)
     )
     for pid, allocation_id, before, after, starts_at, ends_at in per_allocation:
@@ -121,7 +147,7 @@ def statements(session: Session, start: dt.datetime, end: dt.datetime, projects:
         select(project_of, LedgerTransaction.kind, func.sum(EFFECT))
         .join(Account, Account.id == LedgerEntry.account_id)
         .join(LedgerTransaction, LedgerTransaction.id == LedgerEntry.transaction_id)
-        .where(project_of.in_(found), LedgerEntry.effective_at >= start, LedgerEntry.effective_at < end)
+        .where(project_of.in_(found), in_period)
         .group_by(project_of, LedgerTransaction.kind)
     )
     for pid, kind, amount in by_kind:
@@ -130,11 +156,12 @@ def statements(session: Session, start: dt.datetime, end: dt.datetime, projects:
     if itemized:
         lines = session.execute(
             select(project_of, LedgerTransaction.id, LedgerEntry.effective_at, LedgerTransaction.kind,
-                   Account.name, Service.name, LedgerTransaction.description, func.sum(EFFECT))
+                   Account.name, Service.name, LedgerTransaction.description, func.sum(EFFECT),
+                   LedgerEntry.effective_at < start)
             .join(Account, Account.id == LedgerEntry.account_id)
             .join(LedgerTransaction, LedgerTransaction.id == LedgerEntry.transaction_id)
             .outerjoin(Service, Service.id == LedgerTransaction.service_id)
-            .where(project_of.in_(found), LedgerEntry.effective_at >= start, LedgerEntry.effective_at < end)
+            .where(project_of.in_(found), in_period)
             .group_by(project_of, LedgerTransaction.id, LedgerEntry.effective_at, LedgerTransaction.kind,
                       Account.name, Service.name, LedgerTransaction.description)
             .order_by(LedgerEntry.effective_at, LedgerTransaction.id)
@@ -145,6 +172,27 @@ def statements(session: Session, start: dt.datetime, end: dt.datetime, projects:
         for pid, project_lines in collected.items():
             found[pid].lines = project_lines
     return list(found.values())
+
+
+def _cutoff(session: Session, *, end: dt.datetime, start: dt.datetime | None = None) -> dt.datetime | None:
+    """What the issued statement ending at ``end`` (and starting at ``start``) counted: what was
+    posted by this; None where no such statement was issued."""
+    query = select(StatementIssued.cutoff).where(StatementIssued.period_end == end)
+    if start is not None:
+        query = query.where(StatementIssued.period_start == start)
+    return session.scalar(query.order_by(StatementIssued.cutoff.desc()).limit(1))
+
+
+def issue(session: Session, start: dt.datetime, end: dt.datetime, settle: int) -> dt.datetime:
+    """Mark the statements of ``[start, end)`` as sent (once: issuing again keeps the first
+    cutoff, so the same statements are drawn); returns what they count: what was posted up to
+    ``settle`` seconds ago."""
+    cutoff = func.now() - dt.timedelta(seconds=settle)
+    session.execute(insert(StatementIssued).values(period_start=start, period_end=end, cutoff=cutoff)
+                    .on_conflict_do_nothing())
+    cutoff = _cutoff(session, start=start, end=end)
+    assert cutoff is not None
+    return cutoff
 
 
 def month(period: str) -> tuple[dt.datetime, dt.datetime]:

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from services.reporter import alerts, render, usage
-from services.reporter.statements import month, statements
+from services.reporter.statements import issue, month, statements
 from shared import inbox
 from shared.batches import RETRYABLE, Outcome, run_batch, sort_out
 from shared.celery_app import get_app
@@ -148,6 +148,7 @@ def previous_month(today: dt.date | None = None) -> str:
 
 def statement_files(session: Session, period: str) -> Path:
     start, end = month(period)
+    issue(session, start, end, get_settings().statement_settle)  # what is posted for it later shows next month
     directory = get_settings().data_dir / "reports" / period
     directory.mkdir(parents=True, exist_ok=True)
     for st in statements(session, start, end):

@@ -13,13 +13,16 @@ admission control refused never ran and is not charged.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared import bulk
 from shared.events import LONGEST_JOB, JobCompleted, JobStarted
+from shared.jobs import JOB_KEY, job_key
 from shared.models import Job
 from shared.rating.directory import Directory, SystemInfo, Unresolved
 from shared.rating.price import hours, rounded
@@ -46,10 +49,11 @@ class Plan:
 
 
 def plan(session: Session, directory: Directory, event: JobStarted | JobCompleted, free_states: set[str],
-         gpus_at_start: int | None = None) -> Plan:
+         gpus_at_start: int | None = None, refused: Collection[tuple[Any, ...]] = ()) -> Plan:
     """The job's row and charges for ``event``; ``Unresolved`` (with the reason to park it
     under) where it cannot be priced. ``gpus_at_start``: the job's GPUs as recorded when it
-    started, where the event does not say."""
+    started, where the event does not say; ``refused``: the runs admission control refused
+    (``refused_runs``), by their jobs' keys."""
     system = directory.system(event.system)
     user_id = directory.user(system, event.user)
     account = directory.account(system, event.account)
@@ -87,7 +91,7 @@ def plan(session: Session, directory: Directory, event: JobStarted | JobComplete
         policy = f"state {state} is not the end of a run"
         result.final = False
         job["end_time"] = None  # not ended: and a finished job's row is not reopened by it
-    elif state == "REQUEUED" and _refused(session, job):
+    elif job_key(job) in refused:  # requeued by Slurm (or cancelled) before it ran
         policy = REFUSED
     elif state in free_states:
         policy = f"state {state} is not charged"
@@ -156,8 +160,14 @@ def _recorded_start(session: Session, job: dict[str, Any]) -> dt.datetime | None
     return session.scalar(select(Job.start_time).where(*_this_job(job), Job.end_time.is_(None)))
 
 
-def _refused(session: Session, job: dict[str, Any]) -> bool:
-    return session.scalar(select(Job.charge_policy).where(*_this_job(job))) == REFUSED
+def refused_runs(session: Session, events: Iterable[JobStarted | JobCompleted]) -> set[tuple[Any, ...]]:
+    """The keys of the jobs of ``events`` whose run admission control refused: one query."""
+    ids = {e.job_id for e in events if isinstance(e, JobCompleted)}
+    if not ids:
+        return set()
+    return {tuple(row) for row in session.execute(
+        select(*(getattr(Job, column) for column in JOB_KEY))
+        .where(bulk.any_of(Job.job_id, ids), Job.charge_policy == REFUSED))}
 
 
-__all__ = ["CHARGED", "NOT_FINISHED", "REFUSED", "REQUEUED", "Plan", "plan"]
+__all__ = ["CHARGED", "NOT_FINISHED", "REFUSED", "REQUEUED", "Plan", "plan", "refused_runs"]

@@ -38,6 +38,7 @@ from shared.job_event import BadInput, encode
 from shared.models import Job, LedgerTransaction, ParkedEvent
 from shared.rating.directory import Directory, Unresolved, system_named
 from shared.rating.jobs import plan as charger_plan
+from shared.rating.jobs import refused_runs
 from shared.rating.price import Quantity, RateTables, charged_quantity, hours, price_at, rate_tables
 from shared.slurm import records as slurm
 from shared.slurm.sacct import ENDED, Record
@@ -230,9 +231,10 @@ def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Findi
     directory = Directory.load(session, [c.event for c, _, _, _ in recorded])
     free_states = set(get_settings().free_states)
     plans = {}
+    refused = refused_runs(session, [c.event for c, _, _, _ in recorded])
     for c, _, finding, _ in recorded:
         try:
-            plans[c.event.event_id] = charger_plan(session, directory, c.event, free_states)
+            plans[c.event.event_id] = charger_plan(session, directory, c.event, free_states, refused=refused)
         except Unresolved as exc:
             finding.note = f"the charger would not charge sacct's record now: {exc}"
     rates = rate_tables(session, {p["service_id"] for plan in plans.values() for p in plan.charges})
