@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 
 from shared.errors import InvalidInput
 from shared.models import MONEY_SCALE, RATE_SCALE, Money, Rate
 
-MONEY_QUANTUM = Decimal(1).scaleb(-MONEY_SCALE)
 # NUMERIC(24, 6) holds 18 digits before the point; stay well inside it.
 MAX_MONEY = Decimal("1e15")
 # What the columns can hold at all: NUMERIC(24, 10) rates 14 digits, NUMERIC(24, 6) amounts 18.
@@ -62,19 +61,6 @@ def parse_money(value: object, what: str = "amount", **kwargs: bool) -> Decimal:
 
 def parse_rate(value: object, what: str = "charge rate") -> Decimal:
     return parse_decimal(value, what, scale=RATE_SCALE, allow_zero=True, limit=MAX_RATE)
-
-
-def round_money(value: Decimal) -> Decimal:
-    """Computed amounts (quantity x rate) are rounded half up to the ledger's scale."""
-    # Checked before quantize(), which raises InvalidOperation past the context's 28 digits.
-    if value.copy_abs() < MAX_STORED_MONEY:
-        rounded = value.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_UP)
-        if rounded.copy_abs() < MAX_STORED_MONEY:
-            return rounded
-    raise InvalidInput(
-        f"amount {value:.6E} is too large to record (the limit is {MAX_STORED_MONEY:,.0f}); "
-        "check the quantity and the rate"
-    )
 
 
 def money_str(value: Decimal) -> str:
