@@ -6,13 +6,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test simulate lint clean
 
 demo: $(INSTALLED)
 	$(BIN)/openacct demo
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The ledger against its model (tests/test_ledger_simulator.py) for longer than the test run's
+# minute: make simulate SECONDS=600. A failure prints the seed that replays it.
+SECONDS ?= 600
+simulate: $(INSTALLED)
+	OPENACCT_SIM_SECONDS=$(SECONDS) $(BIN)/python -m pytest tests/test_ledger_simulator.py -s $(PYTEST_ARGS)
 
 lint: $(INSTALLED)
 	$(BIN)/python -m ruff check shared services openacct tests
