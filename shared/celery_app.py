@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery
 from celery.schedules import crontab
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from kombu import Queue
 
 from shared.config import Settings, get_settings
@@ -125,6 +125,24 @@ def get_app() -> Celery:
     app = Celery("openacct")
     configure(app, get_settings())
     return app
+
+
+# What a worker answers from the broker when remote control is off: Flower's read-only questions
+# and mingle's greeting. Every command that stops, reconfigures or burdens a worker is dropped.
+READ_ONLY_COMMANDS = {"active", "active_queues", "clock", "conf", "heartbeat", "hello", "ping", "query_task",
+                      "registered", "report", "reserved", "revoked", "scheduled", "stats"}
+
+
+@worker_init.connect
+def refuse_remote_control(**_: Any) -> None:
+    """A message on the broker's control exchange needs no secret to send: unless the site lets
+    them, the commands that would stop or change a worker are not there to run."""
+    if get_settings().worker_remote_control:
+        return
+    from celery.worker.control import Panel
+
+    for name in set(Panel.data) - READ_ONLY_COMMANDS:
+        del Panel.data[name]
 
 
 @worker_process_init.connect

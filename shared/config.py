@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     broker_visibility_timeout: int = Field(
         default=3600, ge=5, description="Seconds before Redis redelivers an unacknowledged task."
     )
+    worker_remote_control: bool = Field(
+        default=False,
+        description="Let the broker's remote-control commands stop or reconfigure workers (shutdown, "
+        "pool_restart, rate_limit, revoke, …). Off: anyone who can reach the broker could send them; "
+        "the read-only ones Flower uses (ping, stats, active, registered, …) always answer.",
+    )
     max_deliveries: int = Field(
         default=5, ge=1, le=100, description="Deliveries of one batch before its events are parked."
     )
