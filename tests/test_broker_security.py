@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from celery import Celery
 
 from tests.pipeline import Process, wait_for
@@ -28,3 +29,33 @@ def test_a_remote_control_shutdown_from_the_broker_stops_no_worker(redis: Any, t
         assert [q["name"] for qs in queues.values() for q in qs] == ["refunder"]
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize(("task", "kwargs", "message"), [
+    ("reconcile_slurm", {"lookback": 400 * 24 * 3600}, "lookback must be a whole number from 1 to 172800"),
+    ("reconcile_slurm", {"settle": -5}, "settle must be a whole number from 0 to 86400"),
+    ("reconcile_slurm", {"lookback": "3600"}, "lookback must be a whole number"),
+    ("roll_up", {"days": 100_000}, "days must be a whole number from 0 to 400"),
+    ("roll_up", {"days": True}, "days must be a whole number"),
+    ("write_statements", {"period": ["2026-10"]}, "period must be a month such as 2026-10"),
+    ("write_statements", {"period": "../../etc"}, "bad period"),
+])
+def test_each_reporter_task_checks_the_arguments_a_message_brings(task: str, kwargs: dict[str, object],
+                                                                    message: str, engine: Any) -> None:
+    from services.reporter import tasks
+
+    with pytest.raises(ValueError, match=message):
+        getattr(tasks, task).run(**kwargs)  # what a worker runs for a message carrying these
+
+
+def test_a_report_request_cannot_ask_a_rollup_of_centuries(db_connection: Any, quickstart: None) -> None:
+    import json
+
+    from services.reporter.tasks import report_events
+    from shared.db import session_scope
+
+    request = json.dumps({"schema_version": 1, "kind": "report.requested", "event_id": "r:old", "report": "rollup",
+                          "params": {"from": "1900-01-01", "to": "2026-01-01"}})
+    with session_scope() as s:
+        outcome = report_events(s, [request])
+    assert outcome.parked == 1 and outcome.recorded == 0

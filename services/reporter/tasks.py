@@ -28,6 +28,8 @@ app = get_app()
 AVAILABLE = {"alerts", "statements", "rollup"}
 # Each scheduled rollup does the last few days again: late job events land within them.
 ROLLUP_DAYS = 3
+# The most a rollup asked through the broker may redo (the CLI's `report rollup` has no such limit).
+MAX_ROLLUP_DAYS = 400
 # Seconds: jobs that ended this recently may still be on their way from the jobcomp hook.
 RECONCILE_SETTLE = 600
 log = logging.getLogger("openacct.reporter")
@@ -51,6 +53,8 @@ def send_alerts() -> int:
 def write_statements(period: str | None = None) -> str:
     """Every project's statement for ``period`` (default: last month) as HTML, CSV and JSON
     files under ``<data dir>/reports/<period>/``."""
+    if period is not None and not isinstance(period, str):
+        raise ValueError(f"period must be a month such as 2026-10, not {period!r}")
     with session_scope() as session:
         return str(statement_files(session, period or previous_month()))
 
@@ -77,8 +81,12 @@ def reconcile_slurm(settle: int = RECONCILE_SETTLE, lookback: int | None = None)
     from shared.slurm import sacct
 
     settings = get_settings()
+    # A message may carry any arguments: no wider window than the site set, no settling beyond a day.
+    settle = bounded("settle", settle, 0, 86_400)
+    lookback = bounded("lookback", settings.reconcile_lookback if lookback is None else lookback,
+                       1, settings.reconcile_lookback)
     until = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settle)
-    since = until - dt.timedelta(seconds=lookback or settings.reconcile_lookback)
+    since = until - dt.timedelta(seconds=lookback)
     records, unreadable = sacct.query(since, until, None)
     with session_scope() as session:
         result = slurm_reconcile.reconcile(session, records, unreadable, publish=_to_charger, now=int(time.time()))
@@ -104,9 +112,18 @@ def _to_charger(events: list[tuple[str, bytes]]) -> None:
 @app.task(name="reporter.rollup", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
 def roll_up(days: int = ROLLUP_DAYS) -> int:
     """Roll up usage for today and the ``days`` before it (beat runs this hourly)."""
+    days = bounded("days", days, 0, MAX_ROLLUP_DAYS)
     today = dt.datetime.now(dt.UTC).date()
     with session_scope() as session:
         return usage.rollup(session, today - dt.timedelta(days=days), today)
+
+
+def bounded(name: str, value: object, low: int, high: int) -> int:
+    """A task's whole-number argument within what the site allows, or ValueError: the task fails
+    and is not retried."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
+    return value
 
 
 def report_events(session: Session, items: list[Any], *, source: str = "") -> Outcome:
@@ -129,6 +146,7 @@ def report_events(session: Session, items: list[Any], *, source: str = "") -> Ou
                     today = dt.datetime.now(dt.UTC).date()
                     first = dt.date.fromisoformat(str(request.params.get("from") or today - dt.timedelta(days=ROLLUP_DAYS)))
                     last = dt.date.fromisoformat(str(request.params.get("to") or today))
+                    bounded("the days from 'from' to 'to'", (last - first).days, 0, MAX_ROLLUP_DAYS)
                     usage.rollup(session, first, last)
                 else:
                     statement_files(session, str(request.params.get("period") or previous_month()))
