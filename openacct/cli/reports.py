@@ -183,6 +183,6 @@ def report_usage(
     if format_ is Format.csv:
         writer = csv.DictWriter(sys.stdout, columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: render.cell(v) for k, v in row.items()} for row in rows)
     else:
         emit_rows(rows, columns, as_json=format_ is Format.json, title=f"usage {first} to {last} by {', '.join(dimensions)}")

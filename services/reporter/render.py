@@ -42,6 +42,14 @@ def _json_value(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
+def cell(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text: one that starts like a formula (=, +, -, @, a tab
+    or a carriage return) gets a leading apostrophe. Numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return value
+
+
 def to_csv(statement: Statement) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
@@ -51,8 +59,8 @@ def to_csv(statement: Statement) -> str:
                      money_str(statement.opening)])
     for line in statement.lines:
         writer.writerow([statement.project, line.effective_at.isoformat(), line.transaction_id, line.kind,
-                         line.account, line.service or "", line.description, money_str(line.amount),
-                         "late posting" if line.late else ""])
+                         cell(line.account), cell(line.service or ""), cell(line.description),
+                         money_str(line.amount), "late posting" if line.late else ""])
     for key, label in (("allocations_started", "allocations that began"), ("allocations_ended", "allocations that ended")):
         if getattr(statement, key):
             writer.writerow([statement.project, statement.end.isoformat(), "", label, "", "", "",

@@ -167,12 +167,19 @@ def previous_month(today: dt.date | None = None) -> str:
 def statement_files(session: Session, period: str) -> Path:
     start, end = month(period)
     issue(session, start, end, get_settings().statement_settle)  # what is posted for it later shows next month
-    directory = get_settings().data_dir / "reports" / period
-    directory.mkdir(parents=True, exist_ok=True)
+    # A project's money is its own: the files are for the reporter's user and its group alone.
+    reports = get_settings().data_dir / "reports"
+    directory = reports / period
+    for folder in (reports, directory):
+        folder.mkdir(mode=0o750, exist_ok=True, parents=folder is reports)
+        folder.chmod(0o750)
     for st in statements(session, start, end):
         for suffix, text in (("html", render.to_html(st)), ("csv", render.to_csv(st)), ("json", render.to_json(st))):
             path = directory / f"{st.project}.{suffix}"
             tmp = path.with_suffix(f".{suffix}.tmp")
-            tmp.write_text(text, encoding="utf-8")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                os.fchmod(out.fileno(), 0o640)
+                out.write(text)
             os.replace(tmp, path)  # a reader never sees half a statement
     return directory

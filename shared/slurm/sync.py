@@ -17,9 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidInput
+from shared.events import NAME  # safe as a sacctmgr word, unquoted
 from shared.models import Project, ProjectMember, User
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # safe as a sacctmgr word, unquoted
 SACCTMGR_TIMEOUT = 60
 
 
@@ -55,7 +55,7 @@ def parse_associations(text: str) -> tuple[set[str], set[tuple[str, str]]]:
 def plan(want: Wanted, have_accounts: set[str], have_users: set[tuple[str, str]], cluster: str) -> list[list[str]]:
     """The sacctmgr commands (argument lists, no shell) that make Slurm match ``want``."""
     for name in [*want.accounts, *(u for _, u in want.members)]:
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise InvalidInput(f"{name!r} cannot be a Slurm account or user name")
     commands = []
     for project in sorted(set(want.accounts) - have_accounts):
