@@ -32,9 +32,9 @@ def scratch_engine(database_url: str):  # type: ignore[no-untyped-def]
     ensure_database(admin, name)
     engine = create_engine(sqlalchemy_url(url.set(database=name).render_as_string(hide_password=False)))
     yield engine
-    engine.dispose()
+    engine.dispose()  # its connections closed: no need to force (FORCE once took an embedded server down)
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        conn.execute(f'DROP DATABASE "{name}"')
 
 
 def _schema(engine: Engine) -> dict[str, object]:
