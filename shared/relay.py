@@ -85,16 +85,6 @@ def _delete(paths: list[str]) -> None:
             log.error("cannot delete shipped spool entry %s: %s", path, exc)
 
 
-def check_spool_permissions(spool_dir: Path) -> None:
-    """Whoever can write the spool can put events in it: refuse to ship from a spool that
-    anyone on the host can write to."""
-    for part in (spool.NEW, spool.TMP, spool.LOG):
-        mode = os.stat(spool_dir / part).st_mode
-        if mode & stat.S_IWOTH:
-            raise SystemExit(f"spool {spool_dir / part} is writable by every user, who could forge "
-                             "events: chmod o-w it (the relay and the hooks' user need access, nobody else)")
-
-
 @dataclass
 class _Segment:
     path: str
@@ -149,8 +139,15 @@ class Relay:
     recording it as unacknowledged, kombu#305) loses nothing. Without it, an event leaves the
     spool once the broker has it."""
 
-    def __init__(self, app: Celery, spool_dir: Path, batch_size: int, *,
+    def __init__(self, app: Celery | None, spool_dir: Path, batch_size: int, *,
                  applied: Callable[[list[str]], set[str]] | None = None, reship_after: float = 3600.0) -> None:
+        # Whoever can write the spool can put events in it: every way of shipping checks first.
+        spool.ensure(spool_dir)
+        spool.check_safe(spool_dir)
+        if app is None:  # the configured one, once the spool is known safe (it may start a Redis)
+            from shared.celery_app import get_app
+
+            app = get_app()
         self.app = app
         self.spool_dir = spool_dir
         self.batch_size = batch_size
@@ -357,8 +354,6 @@ class Relay:
         return Backlog(*spool.backlog(self.spool_dir))
 
     def run(self, stop: threading.Event) -> None:
-        spool.ensure(self.spool_dir)
-        check_spool_permissions(self.spool_dir)
         backoff = 0.0
         last_report = 0.0
         while not stop.is_set():

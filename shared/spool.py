@@ -21,8 +21,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import time
 import zlib
+
+from shared.errors import OpenAcctError
 
 # Paths are plain strings: pathlib costs a hook several milliseconds to import.
 PathLike = str | os.PathLike[str]
@@ -47,10 +50,47 @@ def ensure(spool_dir: PathLike) -> None:
             os.chmod(path, 0o2770)
 
 
+# Files the spool creates: new ones only, never through a link someone left in its place.
+CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+ACLS = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+class UnsafeSpool(OpenAcctError):
+    """A spool that someone besides its owner and its group could put events into."""
+
+
+def check_safe(spool_dir: PathLike) -> None:
+    """Refuse a spool whose events anyone but its owner (the hooks' user) and its group (with
+    the relay) could have written: each of its folders a real folder (not a link), of the
+    spool's owner and group, not writable by others, without ACLs that could grant it."""
+    top = os.lstat(spool_dir)
+    for part in ("", TMP, NEW, REJECT, LOG):
+        path = os.path.join(spool_dir, part)
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise UnsafeSpool(f"spool {path} is not a folder but a {'link' if stat.S_ISLNK(info.st_mode) else 'file'}: "
+                              "remove it and let the relay make the spool")
+        if info.st_uid != top.st_uid or info.st_gid != top.st_gid:
+            raise UnsafeSpool(f"spool {path} belongs to uid {info.st_uid} gid {info.st_gid}, not to the spool's "
+                              f"owner uid {top.st_uid} gid {top.st_gid}: someone else made it; remove it")
+        if info.st_mode & stat.S_IWOTH:
+            raise UnsafeSpool(f"spool {path} is writable by every user, who could forge events: chmod o-w it "
+                              "(the hooks' user and the relay's group need access, nobody else)")
+        try:
+            acls = [name for name in os.listxattr(path, follow_symlinks=False) if name in ACLS]
+        except OSError:  # a filesystem without extended attributes has no ACLs either
+            acls = []
+        if acls:
+            raise UnsafeSpool(f"spool {path} has an ACL ({', '.join(acls)}), which may let others write to it: "
+                              "setfacl -b it")
+
+
 def durable_write(directory: str, name: str, data: bytes, tmp_dir: str) -> str:
     """Write ``data`` as ``directory/name`` so that it is whole or absent after a crash."""
     tmp = os.path.join(tmp_dir, f"{name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a process of this pid that died mid-write
+    fd = os.open(tmp, CREATE, 0o640)
     try:
         view = memoryview(data)
         while view:
@@ -86,7 +126,7 @@ def append(spool_dir: str, data: bytes) -> str:
     record = frame(data)
     for _ in range(1000):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             fd = _create_log(path)
             if fd is None:
@@ -116,7 +156,9 @@ def _create_log(path: str) -> int | None:
     that appended to a log whose directory entry a crash then lost would have lied); None if
     another hook created the log first."""
     fresh = f"{path}.{os.getpid()}.new"
-    fd = os.open(fresh, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o660)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(fresh)  # left by a process of this pid that died here
+    fd = os.open(fresh, CREATE | os.O_APPEND, 0o660)
     try:
         os.fchmod(fd, 0o660)  # the group (hooks and relay) shares the log, whatever the umask
         fcntl.flock(fd, fcntl.LOCK_EX)  # others wait here until the name is durable

@@ -14,7 +14,7 @@ from celery import Celery
 from shared import spool
 from shared.celery_app import configure
 from shared.config import Settings
-from shared.relay import Relay, check_spool_permissions
+from shared.relay import Relay
 from tests.events import job_completed, raw
 
 
@@ -49,10 +49,37 @@ def test_unreadable_entries_are_set_aside_and_the_rest_ships(redis, tmp_path: Pa
 def test_a_spool_anyone_can_write_to_is_refused(tmp_path: Path) -> None:
     spool.ensure(tmp_path)
     assert oct(os.stat(tmp_path / "new").st_mode & 0o777) == "0o770"
-    check_spool_permissions(tmp_path)
+    spool.check_safe(tmp_path)
     os.chmod(tmp_path / "new", 0o777)
-    with pytest.raises(SystemExit, match="writable by every user"):
-        check_spool_permissions(tmp_path)
+    with pytest.raises(spool.UnsafeSpool, match="writable by every user"):
+        spool.check_safe(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a folder another user's takes root")
+def test_a_spool_folder_another_user_made_is_refused(tmp_path: Path) -> None:
+    spool.ensure(tmp_path)
+    os.chown(tmp_path / "new", 65534, -1)  # nobody's
+    with pytest.raises(spool.UnsafeSpool, match="belongs to uid 65534.*someone else made it"):
+        spool.check_safe(tmp_path)
+
+
+def test_a_spool_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    spool.ensure(tmp_path / "spool")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "spool" / "new").rmdir()
+    (tmp_path / "spool" / "new").symlink_to(elsewhere)
+    with pytest.raises(spool.UnsafeSpool, match="is not a folder but a link"):
+        spool.check_safe(tmp_path / "spool")
+
+
+def test_the_spool_never_writes_through_a_link_left_in_its_place(tmp_path: Path) -> None:
+    spool.ensure(tmp_path)
+    target = tmp_path / "victim"
+    target.write_text("keep")
+    (tmp_path / "log" / f"current.{os.getpid()}.new").symlink_to(target)  # where the next log is made
+    spool.append(str(tmp_path), b"{}")
+    assert target.read_text() == "keep"
 
 
 def test_events_stay_spooled_until_applied_and_ship_again_if_a_broker_lost_them(redis, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -123,3 +150,23 @@ def test_a_batch_published_to_only_some_queues_is_kept_whole_and_published_again
     monkeypatch.setattr(app, "send_task", real_send)
     assert relay.ship_batch() == 2  # the whole batch again; the charger drops its repeat
     assert client.llen("charger") == 2 and client.llen("refunder") == 1
+
+
+def test_relay_once_refuses_a_spool_anyone_can_write_to_and_ships_nothing(cli, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.config import get_settings
+
+    spool.ensure(tmp_path)
+    spool.append(str(tmp_path), b'{"forged": true}')
+    os.chmod(tmp_path / "log", 0o777)
+    monkeypatch.setenv("OPENACCT_SPOOL_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        result = cli("relay", "--once")
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert result.code == 1
+    assert result.err.strip() == (f"error: spool {tmp_path / 'log'} is writable by every user, who could forge events: "
+                                  "chmod o-w it (the hooks' user and the relay's group need access, nobody else)")
+    assert spool.backlog(tmp_path)[0] == 1  # still there, shipped nowhere

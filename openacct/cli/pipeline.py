@@ -63,10 +63,10 @@ def relay(
         count, oldest = spool.backlog(settings.spool_path)
         emit_json({"spool": str(settings.spool_path), "backlog": count, "oldest_seconds": round(oldest, 3)})
         return
-    from shared.celery_app import freeze_startup_objects, get_app
+    from shared.celery_app import freeze_startup_objects
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s")
-    the_relay = Relay(get_app(), settings.spool_path, settings.relay_batch_size,
+    the_relay = Relay(None, settings.spool_path, settings.relay_batch_size,
                       applied=applied_tasks if settings.relay_confirms else None,
                       reship_after=settings.broker_visibility_timeout + 60)
     freeze_startup_objects()
