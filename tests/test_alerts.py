@@ -178,3 +178,62 @@ def test_an_address_that_could_bend_a_header_gets_no_mail(smtp) -> None:  # type
     use("60")
     assert len(run(Settings(smtp_url=smtp[0]))) == 1  # recorded and logged; nobody mailed
     assert smtp[1].messages == []
+
+
+@pytest.mark.usefixtures("phys")
+def test_a_password_is_never_sent_to_a_mail_server_without_starttls() -> None:
+    from aiosmtpd.smtp import AuthResult
+
+    inbox, logins = Inbox(), []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        logins.append(data)  # what crossed the wire in the clear
+        return AuthResult(success=True)
+
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, authenticator=authenticator,
+                            auth_require_tls=False)  # a server that would take it without TLS
+    controller.start()
+    try:
+        use("60")
+        assert run(Settings(smtp_url=f"smtp://alerts:secret@127.0.0.1:{port}")) == []  # tried again next run
+    finally:
+        controller.stop()
+    assert logins == [] and inbox.messages == []
+
+
+@pytest.mark.usefixtures("phys")
+def test_a_webhook_that_redirects_is_not_followed() -> None:
+    reached: list[str] = []
+
+    class Target(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            reached.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    target = HTTPServer(("127.0.0.1", 0), Target)
+
+    class Redirect(Target):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{target.server_port}/elsewhere")
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+    moved = HTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (target, moved):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        use("60")
+        assert run(Settings(alert_webhook_url=f"http://127.0.0.1:{moved.server_port}/moved")) == []
+    finally:
+        for server in (target, moved):
+            server.shutdown()
+    assert reached == []  # the redirect's target was never asked

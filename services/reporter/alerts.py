@@ -15,6 +15,9 @@ import json
 import logging
 import re
 import smtplib
+import ssl
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -147,17 +150,41 @@ def _email(settings: Settings, alert: Alert, recipients: list[str]) -> None:
         "allocation running low" if alert.kind == "low_balance" else "allocation ending")
     message.set_content(alert.message + "\n")
     url = urlsplit(settings.smtp_url or "")
-    smtp_class = smtplib.SMTP_SSL if url.scheme == "smtps" else smtplib.SMTP
-    with smtp_class(url.hostname or "localhost", url.port or (465 if url.scheme == "smtps" else 25),
-                    timeout=TIMEOUT) as smtp:
+    tls = ssl.create_default_context()
+    host, port = url.hostname or "localhost", url.port or (465 if url.scheme == "smtps" else 25)
+    smtp = smtplib.SMTP_SSL(host, port, timeout=TIMEOUT, context=tls) if url.scheme == "smtps" \
+        else smtplib.SMTP(host, port, timeout=TIMEOUT)
+    with smtp:
+        if url.scheme == "smtp":
+            smtp.ehlo()
+            if smtp.has_extn("starttls"):
+                smtp.starttls(context=tls)
+                smtp.ehlo()
+            elif url.username:  # a password is never sent in the clear
+                raise smtplib.SMTPNotSupportedError(
+                    f"{host} offers no STARTTLS: the password is not sent in the clear (use smtps://)")
         if url.username:
             smtp.login(url.username, url.password or "")
         smtp.send_message(message)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A webhook answers where it was configured, or not at all: a redirect could send the
+    alert (and the next ones) anywhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def _webhook(url: str, alert: Alert) -> None:
     body = json.dumps({"project": alert.project, "kind": alert.kind, "key": alert.keys[0],
                        "message": alert.message}).encode()
     request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310 - configured by the site
-        response.read()
+    deadline = time.monotonic() + TIMEOUT  # for the whole exchange: a slow drip of bytes is no answer
+    with _OPENER.open(request, timeout=TIMEOUT) as response:
+        while response.read(4096):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the webhook took longer than {TIMEOUT} s to answer")
