@@ -99,6 +99,12 @@ def run() -> None:
         broker = embedded_redis.url
     env = {**os.environ, "OPENACCT_DATABASE_URL": url, "OPENACCT_BROKER_URL": broker,
            "OPENACCT_SPOOL_DIR": str(demo_dir / "spool"), "OPENACCT_RELAY_BATCH_SIZE": "200"}
+    if settings.signing_key_file is None:  # the demo's own key signs and checks its messages
+        from shared import signing
+
+        env["OPENACCT_SIGNING_KEY_FILE"] = str(demo_dir / "signing-keys.json")
+        signing.generate(Path(env["OPENACCT_SIGNING_KEY_FILE"]), "admin")
+        signing.keyring.cache_clear()
     os.environ.update(env)
     config.get_settings.cache_clear()
     db.database_url.cache_clear()

@@ -8,6 +8,7 @@ its events with ``openacct deadletter replay``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from shared import signing
 from shared.celery_app import ROUTES
 from shared.config import get_settings
 from shared.db import session_scope
@@ -79,7 +81,16 @@ def count_delivery(delivery_id: str) -> int:
         ).scalar_one()
 
 
-def run_batch(task: Any, items: list[Any], handler: Handler, source: str) -> dict[str, int]:
+def run_batch(task: Any, message: Any, handler: Handler, source: str) -> dict[str, int]:
+    try:
+        items = signing.unseal(task.name, message)
+    except signing.Refused as exc:
+        # Parked for the record, and not marked applied: a batch changed on the way is shipped
+        # again as it was spooled.
+        log.error("message %s refused: %s", task.request.id, exc)
+        with session_scope() as session:
+            parked = park(session, [Parked(json.dumps(message, default=str).encode(), str(exc), source=source)])
+        return asdict(Outcome(parked=parked))
     if not isinstance(items, list):
         items = [items]
     # A retry keeps the task id, as does a redelivery after a worker died: both count.

@@ -18,6 +18,7 @@ from celery.schedules import crontab
 from celery.signals import worker_init, worker_process_init
 from kombu import Queue
 
+from shared import signing
 from shared.config import Settings, get_settings
 
 QUEUES = ("charger", "refunder", "reporter")
@@ -92,21 +93,17 @@ def configure(app: Celery, settings: Settings) -> None:
     )
     if amqp:
         app.conf.update(task_create_missing_queues=False, worker_detect_quorum_queues=True)
-    # What ``openacct beat`` (one instance per site) sends to the reporter.
-    app.conf.beat_schedule = {
-        "alerts": {"task": "reporter.alerts", "schedule": float(settings.alert_interval),
-                   "options": {"queue": "reporter", "routing_key": "reporter"}},
-        "expire-holds": {"task": "reporter.expire_holds", "schedule": float(settings.hold_expiry_interval),
-                         "options": {"queue": "reporter", "routing_key": "reporter"}},
-        "usage-rollup": {"task": "reporter.rollup", "schedule": cron(settings.rollup_schedule),
-                         "options": {"queue": "reporter", "routing_key": "reporter"}},
-        "monthly-statements": {"task": "reporter.statements", "schedule": cron(settings.statements_schedule),
-                               "options": {"queue": "reporter", "routing_key": "reporter"}},
-    }
+    # What ``openacct beat`` (one instance per site) sends to the reporter, signed by beat's key.
+    schedule = {"alerts": ("reporter.alerts", float(settings.alert_interval)),
+                "expire-holds": ("reporter.expire_holds", float(settings.hold_expiry_interval)),
+                "usage-rollup": ("reporter.rollup", cron(settings.rollup_schedule)),
+                "monthly-statements": ("reporter.statements", cron(settings.statements_schedule))}
     if settings.reconcile_schedule:  # off unless configured: it needs sacct where the reporter runs
-        app.conf.beat_schedule["slurm-reconcile"] = {
-            "task": "reporter.reconcile", "schedule": cron(settings.reconcile_schedule),
-            "options": {"queue": "reporter", "routing_key": "reporter"}}
+        schedule["slurm-reconcile"] = ("reporter.reconcile", cron(settings.reconcile_schedule))
+    app.conf.beat_schedule = {
+        entry: {"task": task, "schedule": when, "kwargs": {"message": signing.seal(task, {})},
+                "options": {"queue": "reporter", "routing_key": "reporter"}}
+        for entry, (task, when) in schedule.items()}
     app.conf.task_routes.update({name: {"queue": "reporter", "routing_key": "reporter"}
                                  for name in ("reporter.alerts", "reporter.statements", "reporter.rollup",
                                               "reporter.expire_holds", "reporter.reconcile")})

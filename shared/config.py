@@ -73,6 +73,17 @@ class Settings(BaseSettings):
     broker_visibility_timeout: int = Field(
         default=3600, ge=5, description="Seconds before Redis redelivers an unacknowledged task."
     )
+    signing_key_file: Path | None = Field(
+        default=None,
+        description="The key file (openacct keys generate) that signs what this process sends and checks "
+        "what the workers receive: the relay's holds a scheduler key, an administrator's an admin key, "
+        "the workers' every key that may send them messages.",
+    )
+    allow_unsigned: bool = Field(
+        default=False,
+        description="Send and accept unsigned messages: anyone who can reach the broker could then charge, "
+        "refund or report. Only for a bench where nobody else can.",
+    )
     worker_remote_control: bool = Field(
         default=False,
         description="Let the broker's remote-control commands stop or reconfigure workers (shutdown, "

@@ -29,7 +29,7 @@ from typing import Any
 
 from celery import Celery
 
-from shared import spool
+from shared import signing, spool
 from shared.celery_app import ROUTES, TASKS
 
 log = logging.getLogger("openacct.relay")
@@ -300,7 +300,8 @@ class Relay:
 
     def _send(self, queue: str, items: list[Any], shipment: _Shipment | None) -> str:
         task_id = str(uuid.uuid4())
-        self.app.send_task(TASKS[queue], args=[items], queue=queue, routing_key=queue, task_id=task_id,
+        self.app.send_task(TASKS[queue], args=[signing.seal(TASKS[queue], items)], queue=queue, routing_key=queue,
+                           task_id=task_id,
                            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
         if shipment is not None:
             shipment.tasks.add(task_id)

@@ -48,9 +48,15 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     empty_config = tmp_root / "openacct.toml"
     empty_config.write_text("")
-    saved = {k: os.environ.get(k) for k in ("OPENACCT_DATABASE_URL", "OPENACCT_DATA_DIR", "OPENACCT_CONFIG")}
+    # Every process of the run signs and checks messages with one administrator's key.
+    from shared import signing
+
+    keys = tmp_root / "signing-keys.json"
+    signing.generate(keys, "admin")
+    saved = {k: os.environ.get(k) for k in ("OPENACCT_DATABASE_URL", "OPENACCT_DATA_DIR", "OPENACCT_CONFIG",
+                                            "OPENACCT_SIGNING_KEY_FILE")}
     os.environ.update(OPENACCT_DATABASE_URL=url, OPENACCT_DATA_DIR=str(tmp_root / "data"),
-                      OPENACCT_CONFIG=str(empty_config))
+                      OPENACCT_CONFIG=str(empty_config), OPENACCT_SIGNING_KEY_FILE=str(keys))
     _forget_settings()
     upgrade(db.engine())
     yield url
@@ -67,7 +73,10 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _forget_settings() -> None:
+    from shared import signing
+
     config.get_settings.cache_clear()
+    signing.keyring.cache_clear()
     db.database_url.cache_clear()
     db.engine.cache_clear()
     db._session_factory = None

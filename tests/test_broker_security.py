@@ -43,9 +43,11 @@ def test_a_remote_control_shutdown_from_the_broker_stops_no_worker(redis: Any, t
 def test_each_reporter_task_checks_the_arguments_a_message_brings(task: str, kwargs: dict[str, object],
                                                                     message: str, engine: Any) -> None:
     from services.reporter import tasks
+    from shared import signing
 
-    with pytest.raises(ValueError, match=message):
-        getattr(tasks, task).run(**kwargs)  # what a worker runs for a message carrying these
+    scheduled = getattr(tasks, task)
+    with pytest.raises(ValueError, match=message):  # a signed message, even: its arguments are checked
+        scheduled.run(signing.seal(scheduled.name, kwargs))
 
 
 def test_a_report_request_cannot_ask_a_rollup_of_centuries(db_connection: Any, quickstart: None) -> None:

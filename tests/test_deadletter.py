@@ -19,7 +19,9 @@ from sqlalchemy.exc import OperationalError
 
 from openacct.shortcuts import add_user_to_project, create_user, deposit
 from services.charger.batch import charge_events
+from shared import signing
 from shared.batches import Outcome, run_batch
+from shared.celery_app import TASKS
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.models import ChargeMultiplier, LedgerTransaction, ParkedEvent, System
@@ -177,7 +179,11 @@ class Killed(BaseException):
 
 
 def task(retries: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(request=SimpleNamespace(id=f"task-{uuid.uuid4()}", retries=retries))
+    return SimpleNamespace(name=TASKS["charger"], request=SimpleNamespace(id=f"task-{uuid.uuid4()}", retries=retries))
+
+
+def signed(items: list[Any]) -> Any:
+    return signing.seal(TASKS["charger"], items)
 
 
 def test_a_batch_delivered_more_than_max_deliveries_is_parked_whole() -> None:
@@ -193,10 +199,10 @@ def test_a_batch_delivered_more_than_max_deliveries_is_parked_whole() -> None:
 
     for _ in range(limit):
         with pytest.raises(Killed):
-            run_batch(the_task, items, dies, "charger")
+            run_batch(the_task, signed(items), dies, "charger")
     assert calls == limit and parked_rows() == [] and charges() == []
 
-    result = run_batch(the_task, items, dies, "charger")
+    result = run_batch(the_task, signed(items), dies, "charger")
     assert calls == limit  # not tried again
     assert result == {"charged": 0, "recorded": 0, "duplicates": 0, "parked": 3, "transactions": 0}
     rows = parked_rows()
@@ -208,7 +214,7 @@ def test_a_batch_delivered_more_than_max_deliveries_is_parked_whole() -> None:
 
     # A retry keeps the task id, so it counts too: a batch that never fits cannot loop forever.
     the_task.request.retries = 1
-    assert run_batch(the_task, items[:1], charge_events, "charger")["parked"] == 1
+    assert run_batch(the_task, signed(items[:1]), charge_events, "charger")["parked"] == 1
 
 
 def test_an_event_failing_on_its_own_is_parked_with_the_exception_and_the_rest_applied() -> None:
@@ -220,7 +226,7 @@ def test_an_event_failing_on_its_own_is_parked_with_the_exception_and_the_rest_a
             raise ValueError("poison pill in this batch")
         return charge_events(session, batch, source=source)
 
-    result = run_batch(task(), items, handler, "charger")
+    result = run_batch(task(), signed(items), handler, "charger")
     assert (result["charged"], result["parked"], result["transactions"]) == (2, 1, 2)
     assert sorted(t.quantity for t in charges()) == [D(2), D(4)]
     (p,) = parked_rows()
@@ -233,5 +239,5 @@ def test_a_database_outage_is_raised_for_celery_to_retry() -> None:
         raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
 
     with pytest.raises(OperationalError):
-        run_batch(task(), [json.dumps(job_completed(950))], handler, "charger")
+        run_batch(task(), signed([json.dumps(job_completed(950))]), handler, "charger")
     assert parked_rows() == [] and charges() == []

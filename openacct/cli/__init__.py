@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -42,6 +44,23 @@ def hook(name: str = typer.Argument(help="slurm-jobcomp, slurm-prologctld or slu
     from openacct.hooks import main as run_hook
 
     raise typer.Exit(run_hook([name]))
+
+
+keys_app = typer.Typer(help="Signing keys: what the workers check every message with.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    path: Annotated[Path, typer.Argument(help="The key file to write (mode 0600).")],
+    role: Annotated[str, typer.Option(help="scheduler (the relay's: job events only) or admin (anything).")] = "admin",
+    rotate: Annotated[bool, typer.Option(help="Put the new key first in an existing file; the others still verify.")] = False,
+) -> None:
+    """Write a new signing key: the first key of a file signs, every key verifies."""
+    from shared import signing
+
+    key = signing.generate(path, role, rotate=rotate)
+    typer.echo(f"key {key.id} ({key.role}) is first in {path}: give the workers' key files its line too")
 
 
 @db_app.command("roles")

@@ -42,6 +42,9 @@ def worker(
         raise InvalidInput(f"unknown log level {loglevel!r}")
     import importlib
 
+    from shared import signing
+
+    signing.required(f"{name} worker")
     tasks = importlib.import_module(f"services.{name}.tasks")
     tasks.app.worker_main(["worker", "-Q", name, "-n", f"{name}@%h", "-c", str(concurrency),
                            "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
@@ -63,8 +66,10 @@ def relay(
         count, oldest = spool.backlog(settings.spool_path)
         emit_json({"spool": str(settings.spool_path), "backlog": count, "oldest_seconds": round(oldest, 3)})
         return
+    from shared import signing
     from shared.celery_app import freeze_startup_objects
 
+    signing.required("relay")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s")
     the_relay = Relay(None, settings.spool_path, settings.relay_batch_size,
                       applied=applied_tasks if settings.relay_confirms else None,

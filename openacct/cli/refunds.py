@@ -132,7 +132,10 @@ def _send(requests: list[RefundRequested]) -> dt.datetime:
     from shared.celery_app import TASKS, get_app
 
     sent_at = ledger.now()
-    get_app().send_task(TASKS["refunder"], args=[[r.model_dump_json(exclude_none=True) for r in requests]],
+    from shared import signing
+
+    body = [r.model_dump_json(exclude_none=True) for r in requests]
+    get_app().send_task(TASKS["refunder"], args=[signing.seal(TASKS["refunder"], body)],
                         queue="refunder", routing_key="refunder")
     return sent_at
 

@@ -93,8 +93,10 @@ def beat(
 
     if loglevel.lower() not in ("debug", "info", "warning", "error"):
         raise InvalidInput(f"unknown log level {loglevel!r}")
+    from shared import signing
     from shared.config import get_settings
 
+    signing.required("beat")
     settings = get_settings()
     lock = psycopg.connect(database_url().replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
     if not lock.execute("SELECT pg_try_advisory_lock(%s)", (BEAT_LOCK,)).fetchone()[0]:

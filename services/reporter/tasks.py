@@ -7,8 +7,10 @@ alerts are claimed once per threshold, statements are files written whole over t
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from services.reporter import alerts, render, usage
 from services.reporter.statements import issue, month, statements
-from shared import inbox
+from shared import inbox, signing
 from shared.batches import RETRYABLE, Outcome, run_batch, sort_out
 from shared.celery_app import get_app
 from shared.config import get_settings
@@ -35,13 +37,31 @@ RECONCILE_SETTLE = 600
 log = logging.getLogger("openacct.reporter")
 
 
+def scheduled(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """A task beat sends (or an administrator): its arguments come by name in a signed message,
+    and the function checks them (a message may carry anything)."""
+    def register(function: Callable[..., Any]) -> Any:
+        @app.task(name=name, acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5,
+                  typing=False)
+        @functools.wraps(function)
+        def task(message: Any = None) -> Any:
+            arguments = signing.unseal(name, message)
+            if not isinstance(arguments, dict):
+                raise ValueError(f"{name} takes its arguments by name, not {arguments!r}")
+            return function(**arguments)
+
+        return task
+
+    return register
+
+
 @app.task(name="reporter.process_batch", bind=True, autoretry_for=RETRYABLE, retry_backoff=True,
           retry_backoff_max=60, retry_jitter=True, max_retries=None)
 def process_batch(self, events: list) -> dict[str, int]:  # type: ignore[no-untyped-def]
     return run_batch(self, events, report_events, source="reporter")
 
 
-@app.task(name="reporter.alerts", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+@scheduled("reporter.alerts")
 def send_alerts() -> int:
     """Deliver the alerts due now (beat runs this every ``alert_interval`` seconds)."""
     settings = get_settings()
@@ -49,7 +69,7 @@ def send_alerts() -> int:
         return len(alerts.send(session, settings, alerts.due(session, settings)))
 
 
-@app.task(name="reporter.statements", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+@scheduled("reporter.statements")
 def write_statements(period: str | None = None) -> str:
     """Every project's statement for ``period`` (default: last month) as HTML, CSV and JSON
     files under ``<data dir>/reports/<period>/``."""
@@ -59,7 +79,7 @@ def write_statements(period: str | None = None) -> str:
         return str(statement_files(session, period or previous_month()))
 
 
-@app.task(name="reporter.expire_holds", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+@scheduled("reporter.expire_holds")
 def expire_holds() -> int:
     """Release the holds of jobs that never reported back (beat runs this every ``hold_expiry_interval`` s)."""
     from shared import ledger
@@ -68,7 +88,7 @@ def expire_holds() -> int:
         return len(ledger.expire_holds(session))
 
 
-@app.task(name="reporter.reconcile", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+@scheduled("reporter.reconcile")
 def reconcile_slurm(settle: int = RECONCILE_SETTLE, lookback: int | None = None) -> dict[str, int]:
     """Charge the jobs sacct says ended in the ``lookback`` seconds (``reconcile_lookback``)
     before the last ``settle`` whose jobcomp record never arrived (beat runs this on
@@ -106,10 +126,11 @@ def _to_charger(events: list[tuple[str, bytes]]) -> None:
     items = [message_item(raw)[1] for _, raw in events]
     size = get_settings().relay_batch_size
     for first in range(0, len(items), size):
-        app.send_task(TASKS["charger"], args=[items[first:first + size]], queue="charger", routing_key="charger")
+        app.send_task(TASKS["charger"], args=[signing.seal(TASKS["charger"], items[first:first + size])],
+                      queue="charger", routing_key="charger")
 
 
-@app.task(name="reporter.rollup", acks_late=True, autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+@scheduled("reporter.rollup")
 def roll_up(days: int = ROLLUP_DAYS) -> int:
     """Roll up usage for today and the ``days`` before it (beat runs this hourly)."""
     days = bounded("days", days, 0, MAX_ROLLUP_DAYS)

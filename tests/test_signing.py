@@ -1,0 +1,149 @@
+"""Signed messages, against a real Redis and real worker processes: what someone with only the
+broker's address sends is parked for its signature and changes no balance; a message changed on
+the way is refused; a scheduler's key cannot refund; keys rotate without a message lost."""
+
+from __future__ import annotations
+
+import json
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from openacct.shortcuts import balance
+from services.charger.batch import charge_events
+from shared import signing
+from shared.celery_app import TASKS
+from shared.db import session_scope
+from shared.models import LedgerTransaction, ParkedEvent
+from tests.events import job_completed, raw
+from tests.pipeline import Process, wait_for
+
+D = Decimal
+
+
+def parked(engine: Engine) -> list[str]:
+    with Session(engine) as s:
+        return list(s.scalars(select(ParkedEvent.reason).order_by(ParkedEvent.id)))
+
+
+def send(broker: str, worker: str, message: Any) -> None:
+    """As an outsider would: plain Celery, the broker's address, nothing of OpenAcct's."""
+    Celery("outsider", broker=broker).send_task(TASKS[worker], args=[message], queue=worker, routing_key=worker)
+
+
+def start_workers(broker: str, logs: Path, key_file: str) -> list[Process]:
+    env = {**os.environ, "OPENACCT_BROKER_URL": broker, "OPENACCT_SIGNING_KEY_FILE": key_file}
+    started = [Process(["worker", name, "-c", "1"], env, logs / f"{name}.log").start() for name in ("charger", "refunder")]
+    for name in ("charger", "refunder"):
+        wait_for(lambda n=name: "ready" in (logs / f"{n}.log").read_text(errors="replace"), 60, f"the {name}")
+    return started
+
+
+@pytest.fixture
+def workers(center: Engine, redis: Any, tmp_path: Path):  # type: ignore[no-untyped-def]
+    started = start_workers(redis.url, tmp_path, os.environ["OPENACCT_SIGNING_KEY_FILE"])
+    yield redis.url
+    for process in started:
+        process.stop()
+
+
+def test_forged_refunds_and_jobs_are_parked_for_their_signature_and_change_nothing(center: Engine, workers: str) -> None:
+    with session_scope() as s:
+        charge_events(s, [raw(job_completed(7, cpus=64, seconds=7200)).decode()])  # 64 CPUs for 2 h: 6.40
+    before = balance("phys").available
+    refund = json.dumps({"schema_version": 1, "kind": "refund.requested", "event_id": "refund:forged",
+                         "system": "cluster", "job_id": "7", "reason": "free money", "requester": "mallory"})
+    forged_job = raw(job_completed(8, cpus=4, seconds=7200)).decode()
+    send(workers, "refunder", [refund])  # unsigned
+    send(workers, "charger", [forged_job])  # unsigned
+    send(workers, "refunder", {signing.MARK: 1, "task": TASKS["refunder"], "kid": "guessed", "body": [refund],
+                               "sig": "0" * 64})  # signed by a key nobody has
+    wait_for(lambda: len(parked(center)) == 3, 60, "three forged messages parked")
+    reasons = parked(center)
+    assert sum(r.startswith("unsigned message") for r in reasons) == 2
+    assert any("key 'guessed', which this worker does not know" in r for r in reasons)
+    assert balance("phys").available == before
+    with Session(center) as s:
+        assert s.scalars(select(LedgerTransaction).where(LedgerTransaction.kind == "refund")).all() == []
+
+
+def test_a_signed_message_changed_on_the_way_is_refused(center: Engine, workers: str) -> None:
+    real = signing.seal(TASKS["charger"], [raw(job_completed(9, cpus=64, seconds=3600)).decode()])
+    tampered = json.loads(json.dumps(real))
+    event = json.loads(tampered["body"][0])
+    event.update(cpus=1, account="chem")  # cheaper, and on someone else's account
+    tampered["body"][0] = json.dumps(event)
+    send(workers, "charger", tampered)
+    wait_for(lambda: parked(center), 60, "the changed message parked")
+    assert "does not match its signature: changed on the way, or forged" in parked(center)[0]
+    assert balance("chem").charged == 0 and balance("phys").charged == 0
+    send(workers, "charger", real)  # as it was signed: charged
+    wait_for(lambda: balance("phys").charged == D("3.2"), 60, "the real message charged")
+
+
+def test_a_scheduler_key_sends_jobs_but_cannot_refund(center: Engine, redis: Any, tmp_path: Path) -> None:
+    # The workers know the relay's scheduler key beside the administrators' key.
+    keys = tmp_path / "workers.json"
+    keys.write_text(Path(os.environ["OPENACCT_SIGNING_KEY_FILE"]).read_text())
+    keys.chmod(0o600)
+    signing.generate(keys, "scheduler", rotate=True)
+    scheduler = signing.Keyring(signing.load(keys).keys[:1])
+    with session_scope() as s:
+        charge_events(s, [raw(job_completed(10, cpus=64, seconds=3600)).decode()])  # 3.20
+    refund = json.dumps({"schema_version": 1, "kind": "refund.requested", "event_id": "refund:by-scheduler",
+                         "system": "cluster", "job_id": "10", "reason": "mine", "requester": "slurm"})
+    started = start_workers(redis.url, tmp_path, str(keys))
+    try:
+        send(redis.url, "refunder", scheduler.seal(TASKS["refunder"], [refund]))
+        wait_for(lambda: parked(center), 60, "the scheduler's refund parked")
+        assert parked(center)[0].startswith("refunder.process_batch is not for a scheduler key")
+        send(redis.url, "charger", scheduler.seal(TASKS["charger"], [raw(job_completed(11, seconds=3600)).decode()]))
+        wait_for(lambda: balance("phys").charged == D("3.4"), 60, "the scheduler's job charged")  # + 4 CPUs, 1 h
+    finally:
+        for process in started:
+            process.stop()
+    assert balance("phys").refunded == 0
+
+
+def test_keys_rotate_without_a_message_lost(center: Engine, redis: Any, tmp_path: Path) -> None:
+    old = signing.load(Path(os.environ["OPENACCT_SIGNING_KEY_FILE"]))
+    rotated = tmp_path / "rotated.json"
+    rotated.write_text(Path(os.environ["OPENACCT_SIGNING_KEY_FILE"]).read_text())
+    rotated.chmod(0o600)
+    new = signing.generate(rotated, "admin", rotate=True)  # the new key signs, the old still verifies
+    assert [k.id for k in signing.load(rotated).keys] == [new.id, old.keys[0].id]
+    env = {**os.environ, "OPENACCT_BROKER_URL": redis.url, "OPENACCT_SIGNING_KEY_FILE": str(rotated)}
+    charger = Process(["worker", "charger", "-c", "1"], env, tmp_path / "charger.log").start()
+    try:
+        wait_for(lambda: "ready" in (tmp_path / "charger.log").read_text(errors="replace"), 60, "the charger")
+        send(redis.url, "charger", old.seal(TASKS["charger"], [raw(job_completed(12, seconds=3600)).decode()]))
+        send(redis.url, "charger", signing.load(rotated).seal(TASKS["charger"],
+                                                              [raw(job_completed(13, seconds=3600)).decode()]))
+        wait_for(lambda: balance("phys").charged == D("0.4"), 60, "both charged, old key and new")
+    finally:
+        charger.stop()
+    only_new = json.loads(rotated.read_text())
+    only_new["keys"] = only_new["keys"][:1]  # the old key removed once every host has the new one
+    rotated.write_text(json.dumps(only_new))
+    charger = Process(["worker", "charger", "-c", "1"], env, tmp_path / "charger2.log").start()
+    try:
+        wait_for(lambda: "ready" in (tmp_path / "charger2.log").read_text(errors="replace"), 60, "the charger")
+        send(redis.url, "charger", old.seal(TASKS["charger"], [raw(job_completed(14, seconds=3600)).decode()]))
+        wait_for(lambda: parked(center), 60, "the old key's message parked")
+    finally:
+        charger.stop()
+    assert f"key {old.keys[0].id!r}, which this worker does not know" in parked(center)[0]
+    assert balance("phys").charged == D("0.4")
+
+
+def test_a_worker_without_keys_refuses_to_start(tmp_path: Path, redis: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENACCT_SIGNING_KEY_FILE"}
+    worker = Process(["worker", "charger"], {**env, "OPENACCT_BROKER_URL": redis.url}, tmp_path / "w.log").start()
+    assert worker.popen is not None and worker.popen.wait(60) == 1
+    assert "the charger worker has no signing key file" in (tmp_path / "w.log").read_text()
