@@ -30,6 +30,9 @@ from shared.models import TaskDelivery
 
 log = logging.getLogger("openacct.worker")
 
+# What a message refused for its signature is parked as: kept for the record, never replayed (its
+# sender sends it again, signed).
+REFUSED = "refused-message"
 # The database is away or restarting, or the batch ran out of time: retry the task later, it is
 # not its events' fault. Each retry counts as a delivery, so a batch that never fits is parked.
 RETRYABLE = (OperationalError, InterfaceError, SoftTimeLimitExceeded)
@@ -89,10 +92,13 @@ def run_batch(task: Any, message: Any, handler: Handler, source: str) -> dict[st
         # again as it was spooled.
         log.error("message %s refused: %s", task.request.id, exc)
         with session_scope() as session:
-            parked = park(session, [Parked(json.dumps(message, default=str).encode(), str(exc), source=source)])
+            parked = park(session, [Parked(json.dumps(message, default=str).encode(), str(exc), kind=REFUSED,
+                                           source=source)])
         return asdict(Outcome(parked=parked))
     if not isinstance(items, list):
         items = [items]
+    # Only a message signed as this very task says its events are applied: the relay lets go of them.
+    tracked = signing.carries(message, task.request.id)
     # A retry keeps the task id, as does a redelivery after a worker died: both count.
     deliveries = count_delivery(task.request.id)
     limit = get_settings().max_deliveries
@@ -102,20 +108,23 @@ def run_batch(task: Any, message: Any, handler: Handler, source: str) -> dict[st
                   "administrator to replay")
         with session_scope() as session:
             parked = park(session, [Parked(raw_bytes(i), reason, source=source) for i in items])
-            mark_applied(session, task.request.id)
+            if tracked:
+                mark_applied(session, task.request.id)
         log.error("%s: %d events parked", reason, parked)
         return asdict(Outcome(parked=parked))
     try:
         with session_scope() as session:
             outcome = handler(session, items, source=source)
-            mark_applied(session, task.request.id)
+            if tracked:
+                mark_applied(session, task.request.id)
     except RETRYABLE:
         raise
     except Exception:
         log.exception("batch of %d failed as a whole; applying its events one by one", len(items))
         outcome = apply_one_by_one(items, handler, source)
-        with session_scope() as session:
-            mark_applied(session, task.request.id)
+        if tracked:
+            with session_scope() as session:
+                mark_applied(session, task.request.id)
     return asdict(outcome)
 
 

@@ -126,14 +126,18 @@ def get_app() -> Celery:
 
 # What a worker answers from the broker when remote control is off: Flower's read-only questions
 # and mingle's greeting. Every command that stops, reconfigures or burdens a worker is dropped.
-READ_ONLY_COMMANDS = {"active", "active_queues", "clock", "conf", "heartbeat", "hello", "ping", "query_task",
+READ_ONLY_COMMANDS = {"active", "active_queues", "clock", "heartbeat", "hello", "ping", "query_task",
                       "registered", "report", "reserved", "revoked", "scheduled", "stats"}
 
 
 @worker_init.connect
-def refuse_remote_control(**_: Any) -> None:
+def refuse_remote_control(sender: Any = None, **_: Any) -> None:
     """A message on the broker's control exchange needs no secret to send: unless the site lets
-    them, the commands that would stop or change a worker are not there to run."""
+    them, the commands that would stop or change a worker are not there to run. Celery's own
+    tasks (chord_unlock, …) take unsigned messages and OpenAcct uses none: they go too."""
+    if sender is not None:
+        for name in [n for n in sender.app.tasks if n.startswith("celery.")]:
+            del sender.app.tasks[name]
     if get_settings().worker_remote_control:
         return
     from celery.worker.control import Panel

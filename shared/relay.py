@@ -283,7 +283,9 @@ class Relay:
         (at once, when nothing confirms)."""
         by_queue: dict[str, list[Any]] = defaultdict(list)
         for queue, item in items:
-            by_queue[queue].append(item)
+            # What this relay's key may not ask (a refund spooled on a scheduler's host) goes to the
+            # charger, which parks it for an administrator to see: refused, it would ship for ever.
+            by_queue[queue if signing.may_send(TASKS[queue]) else "charger"].append(item)
         shipment = _Shipment(set(), on_applied)
         sent: list[str] = []
         try:
@@ -300,8 +302,8 @@ class Relay:
 
     def _send(self, queue: str, items: list[Any], shipment: _Shipment | None) -> str:
         task_id = str(uuid.uuid4())
-        self.app.send_task(TASKS[queue], args=[signing.seal(TASKS[queue], items)], queue=queue, routing_key=queue,
-                           task_id=task_id,
+        self.app.send_task(TASKS[queue], args=[signing.seal(TASKS[queue], items, task_id)], queue=queue,
+                           routing_key=queue, task_id=task_id,
                            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
         if shipment is not None:
             shipment.tasks.add(task_id)

@@ -237,3 +237,32 @@ def test_a_webhook_that_redirects_is_not_followed() -> None:
         for server in (target, moved):
             server.shutdown()
     assert reached == []  # the redirect's target was never asked
+
+
+@pytest.mark.usefixtures("phys")
+def test_a_webhook_that_answers_a_byte_at_a_time_is_given_up_on_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    class Drip(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            for _ in range(20):  # 100 bytes over 6 s, each well within a read's own timeout
+                self.wfile.write(b"xxxxx")
+                self.wfile.flush()
+                time.sleep(0.3)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(alerts, "TIMEOUT", 1)
+    try:
+        use("60")
+        started = time.monotonic()
+        assert run(Settings(alert_webhook_url=f"http://127.0.0.1:{server.server_port}/slow")) == []
+        assert time.monotonic() - started < 3
+    finally:
+        server.shutdown()

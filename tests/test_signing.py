@@ -147,3 +147,88 @@ def test_a_worker_without_keys_refuses_to_start(tmp_path: Path, redis: Any) -> N
     worker = Process(["worker", "charger"], {**env, "OPENACCT_BROKER_URL": redis.url}, tmp_path / "w.log").start()
     assert worker.popen is not None and worker.popen.wait(60) == 1
     assert "the charger worker has no signing key file" in (tmp_path / "w.log").read_text()
+
+
+# -- what the review of the signing found: each a way around it, closed -------------------------------
+
+
+def test_a_genuine_message_sent_again_under_another_tasks_id_does_not_say_that_task_applied(center: Engine) -> None:
+    """Else: take the relay's task off the queue, send any old signed batch under its id, and
+    the relay would drop the spooled events as applied, uncharged."""
+    from types import SimpleNamespace
+
+    from services.charger.batch import charge_events as handler
+    from shared.batches import run_batch
+    from shared.models import TaskDelivery
+
+    old = signing.seal(TASKS["charger"], [raw(job_completed(20, seconds=3600)).decode()], "relay-task-1")
+    for task_id in ("relay-task-1", "relay-task-2"):
+        run_batch(SimpleNamespace(name=TASKS["charger"], request=SimpleNamespace(id=task_id, retries=0)),
+                  old, handler, "charger")
+    with Session(center) as s:
+        done = {t.task_id: t.completed_at is not None for t in s.scalars(select(TaskDelivery))}
+    assert done == {"relay-task-1": True, "relay-task-2": False}
+
+
+@pytest.mark.parametrize("change", [
+    {"sig": "é" * 64},  # not hex: compare_digest would raise
+    {"sig": "ab"},
+    {"body": [{"__type__": "datetime", "__value__": "2026-01-01T00:00:00"}]},
+])
+def test_a_malformed_envelope_is_refused_not_a_crash(change: dict[str, Any]) -> None:
+    from datetime import datetime
+
+    message = signing.seal(TASKS["charger"], ["{}"])
+    message.update(change)
+    if "body" in change:
+        message["body"] = [datetime(2026, 1, 1)]  # what kombu makes of such a payload: no JSON for it
+    with pytest.raises(signing.Refused, match="does not match its signature"):
+        signing.unseal(TASKS["charger"], message)
+
+
+def test_with_keys_every_message_is_checked_whatever_allow_unsigned_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.config import get_settings
+
+    monkeypatch.setenv("OPENACCT_ALLOW_UNSIGNED", "true")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(signing.Refused, match="unsigned message"):
+            signing.unseal(TASKS["charger"], ["{}"])
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_refused_and_misrouted_messages_are_never_replayed(cli: Any, db_connection: Any) -> None:
+    from shared.batches import REFUSED
+    from shared.deadletter import Parked, park
+
+    forged = raw(job_completed(30, seconds=3600))  # parked whole: as an event, it would read as one
+    refund = json.dumps({"schema_version": 1, "kind": "refund.requested", "event_id": "refund:x", "system": "cluster",
+                         "job_id": "30", "reason": "r", "requester": "slurm"}).encode()
+    with session_scope() as s:
+        park(s, [Parked(forged, "unsigned message", kind=REFUSED, source="charger"),
+                 Parked(refund, "refund.requested events go to the refunder, not the charger", "refund:x",
+                        "refund.requested", "charger")])
+        ids = list(s.scalars(select(ParkedEvent.id).order_by(ParkedEvent.id)))
+    assert cli("deadletter", "replay", "--all").code == 0  # nothing it may replay
+    for parked_id, why in zip(ids, ("refused for its signature", "may not send it to the refunder"), strict=True):
+        result = cli("deadletter", "replay", str(parked_id))
+        assert result.code == 1 and why in result.err
+    assert balance("phys").charged == 0
+
+
+def test_a_relay_with_a_scheduler_key_sends_refunds_to_the_charger_to_park(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    signing.generate(tmp_path / "scheduler.json", "scheduler")
+    monkeypatch.setenv("OPENACCT_SIGNING_KEY_FILE", str(tmp_path / "scheduler.json"))
+    from shared.config import get_settings
+
+    get_settings.cache_clear()
+    signing.keyring.cache_clear()
+    try:
+        assert signing.may_send(TASKS["charger"]) and not signing.may_send(TASKS["refunder"])
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        signing.keyring.cache_clear()

@@ -140,14 +140,16 @@ def deadletter_replay(
     if bool(ids) == everything:
         raise typer.BadParameter("name parked event numbers, or --all")
     with session_scope() as s:
-        query = select(ParkedEvent.id).where(ParkedEvent.replayed_at.is_(None)).order_by(ParkedEvent.id)
-        targets = list(s.scalars(query)) if everything else list(ids or [])
+        query = select(ParkedEvent).where(ParkedEvent.replayed_at.is_(None)).order_by(ParkedEvent.id)
+        targets = [p.id for p in s.scalars(query) if _replayable(p) is None] if everything else list(ids or [])
     failed = 0
     for parked_id in targets:
         with session_scope() as s:
             p = _parked(s, parked_id)
             if p.replayed_at is not None:
                 raise InvalidInput(f"parked event #{parked_id} was already replayed at {p.replayed_at.isoformat()}")
+            if (why := _replayable(p)) is not None:
+                raise InvalidInput(f"parked event #{parked_id} is not replayed: {why}")
             p.replayed_at = now()
             kind = p.kind
             s.flush()
@@ -167,6 +169,19 @@ def deadletter_replay(
             done(f"#{parked_id}: {what}")
     if failed:
         raise typer.Exit(1)
+
+
+def _replayable(p: ParkedEvent) -> str | None:
+    """Why a parked event must not be applied by a replay, which checks no signature; None if it may."""
+    from shared.batches import REFUSED
+    from shared.celery_app import ROUTES
+
+    if p.kind == REFUSED:
+        return "its message was refused for its signature; its sender must send it again, signed"
+    if p.source in ROUTES.values() and p.kind in ROUTES and ROUTES[p.kind] != p.source:
+        return (f"it reached the {p.source} signed by a key that may not send it to the {ROUTES[p.kind]} "
+                "(a refund from a scheduler's host, say); an administrator sends it again")
+    return None
 
 
 @job_app.command("show")

@@ -33,9 +33,10 @@ from tests.slurm.lab import (
 )
 
 SEND_RECONCILE = """import sys
+from shared import signing
 from shared.celery_app import get_app
-get_app().send_task("reporter.reconcile", kwargs={"settle": 0, "lookback": int(sys.argv[1])},
-                    queue="reporter", routing_key="reporter")
+get_app().send_task("reporter.reconcile", queue="reporter", routing_key="reporter", kwargs={
+    "message": signing.seal("reporter.reconcile", {"settle": 0, "lookback": int(sys.argv[1])})})
 """
 HOOK_DELAY = 8  # seconds the slow jobcomp hook sleeps first, so that records queue up behind it
 
