@@ -51,7 +51,6 @@ from shared.rating.price import parse_fraction, price_at, rate_at, rate_tables, 
 from shared.timestamps import CLOCK_SKEW
 
 ZERO = Decimal(0)
-SECOND = dt.timedelta(seconds=1)
 
 
 def now() -> dt.datetime:
@@ -889,21 +888,6 @@ def release_earlier_runs(session: Session, system_id: int, job_id: str, array_ta
                          description=f"job {job_id} runs again: the next run holds in place of this one")
 
 
-def release_requeued_holds(session: Session, runs: Iterable[tuple[int, dt.datetime]], *,
-                           actor: str = "") -> list[LedgerTransaction]:
-    """Release what was held for runs that ended in a requeue, (job, when): Slurm charges none
-    of it and runs the job again, which holds anew. Only holds placed by then: a later one is
-    the next run's (Slurm's times are whole seconds, hence the one of slack)."""
-    runs = sorted(set(runs))
-    if not runs:
-        return []
-    placed = select(LedgerTransaction.id).where(LedgerTransaction.kind == "hold", or_(*(
-        and_(LedgerTransaction.job_id == job_id, LedgerTransaction.effective_at < at + SECOND) for job_id, at in runs)))
-    condition = and_(bulk.any_of(OpenHold.job_id, [job_id for job_id, _ in runs]), OpenHold.hold_id.in_(placed))
-    return _release_open(session, condition, key_prefix="requeue", actor=actor,
-                         description="job requeued: its next run holds anew")
-
-
 def expire_holds(session: Session, at: dt.datetime | None = None, *, account_ids: Sequence[int] | None = None) -> list[LedgerTransaction]:
     """Release the holds past their expiry: jobs that never reported back."""
     at = at or now()
@@ -1223,5 +1207,5 @@ def _bounds(session: Session) -> list[Mismatch]:
 __all__ = [
     "Balance", "Carried", "Mismatch", "account_balance", "adjust", "carried", "charge", "deposit", "expire_holds",
     "hold", "prices", "project_balance", "refund", "refund_share", "refundable", "release", "release_earlier_runs",
-    "release_requeued_holds", "reprice", "settle_holds", "transfer", "verify",
+    "reprice", "settle_holds", "transfer", "verify",
 ]
