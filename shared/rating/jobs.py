@@ -160,14 +160,17 @@ def _recorded_start(session: Session, job: dict[str, Any]) -> dt.datetime | None
     return session.scalar(select(Job.start_time).where(*_this_job(job), Job.end_time.is_(None)))
 
 
-def refused_runs(session: Session, events: Iterable[JobStarted | JobCompleted]) -> set[tuple[Any, ...]]:
-    """The keys of the jobs of ``events`` whose run admission control refused: one query."""
-    ids = {e.job_id for e in events if isinstance(e, JobCompleted)}
-    if not ids:
+def refused_runs(session: Session, directory: Directory,
+                 events: Iterable[JobStarted | JobCompleted]) -> set[tuple[Any, ...]]:
+    """The keys of the jobs of ``events`` whose run admission control refused: one query, by
+    system and job id (the jobs' natural key index), on the charger's every batch."""
+    ends = [e for e in events if isinstance(e, JobCompleted) and e.system in directory.systems]
+    if not ends:
         return set()
     return {tuple(row) for row in session.execute(
         select(*(getattr(Job, column) for column in JOB_KEY))
-        .where(bulk.any_of(Job.job_id, ids), Job.charge_policy == REFUSED))}
+        .where(Job.system_id.in_({directory.systems[e.system].id for e in ends}),
+               bulk.any_of(Job.job_id, {e.job_id for e in ends}), Job.charge_policy == REFUSED))}
 
 
 __all__ = ["CHARGED", "NOT_FINISHED", "REFUSED", "REQUEUED", "Plan", "plan", "refused_runs"]

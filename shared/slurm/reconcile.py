@@ -231,7 +231,7 @@ def _check_charges(session: Session, recorded: list[tuple[_Candidate, Job, Findi
     directory = Directory.load(session, [c.event for c, _, _, _ in recorded])
     free_states = set(get_settings().free_states)
     plans = {}
-    refused = refused_runs(session, [c.event for c, _, _, _ in recorded])
+    refused = refused_runs(session, directory, [c.event for c, _, _, _ in recorded])
     for c, _, finding, _ in recorded:
         try:
             plans[c.event.event_id] = charger_plan(session, directory, c.event, free_states, refused=refused)
