@@ -81,6 +81,15 @@ def ago(**delta: float) -> dt.datetime:
     return now() - dt.timedelta(**delta)
 
 
+# One moment for the cases whose two events must name one job: a submit time read twice from the
+# clock can fall on two sides of a second, and the job is known by its whole key.
+MOMENT = now()
+
+
+def submitted(**delta: float) -> dt.datetime:
+    return MOMENT - dt.timedelta(**delta)
+
+
 def times(submit: dt.datetime | None, start: dt.datetime | None, end: dt.datetime, *, keep_id: bool = False) -> str:
     event = bad()
     for key, value in (("submit_time", submit), ("start_time", start), ("end_time", end)):
@@ -204,10 +213,10 @@ CASES = [
     Case("gpus-without-a-gpu-service", lambda: text(bad(gpus=2)), "system 'cluster' has no service for gpu use"),
     Case("completion-without-any-start", lambda: times(ago(hours=1), None, now()), "no start time for job 666"),
     # what a job.started recorded earlier, contradicted
-    Case("completion-ending-before-its-recorded-start", lambda: times(ago(hours=3), None, ago(hours=2)),
-         "is before the start_time", setup=lambda: [started(ago(hours=3), ago(hours=1))]),
-    Case("completion-years-after-its-recorded-start", lambda: times(ago(days=1000), None, now()),
-         "ran longer than 400 days", setup=lambda: [started(ago(days=1000), ago(days=1000))]),
+    Case("completion-ending-before-its-recorded-start", lambda: times(submitted(hours=3), None, ago(hours=2)),
+         "is before the start_time", setup=lambda: [started(submitted(hours=3), ago(hours=1))]),
+    Case("completion-years-after-its-recorded-start", lambda: times(submitted(days=1000), None, now()),
+         "ran longer than 400 days", setup=lambda: [started(submitted(days=1000), submitted(days=1000))]),
     # not JSON, not an object, not an event
     Case("bad-utf8", lambda: {"b64": base64.b64encode(b'{"kind": "job.completed", "user": "\xff\xfe"}').decode()},
          "payload is not UTF-8 (bad byte at offset 35)"),
@@ -246,8 +255,8 @@ CASES = [
     Case("same-id-other-content-in-the-batch", lambda: text({**before(), "cpus": 10_000}), "", "duplicate",
          check=_no_job),
     # A job.started arriving after its job's completion (late, replayed) cannot reopen the job.
-    Case("late-start-after-the-end", lambda: started(ago(hours=3), ago(hours=1)), "", "recorded",
-         setup=lambda: [times(ago(hours=3), ago(hours=2, minutes=30), ago(hours=2), keep_id=False)],
+    Case("late-start-after-the-end", lambda: started(submitted(hours=3), ago(hours=1)), "", "recorded",
+         setup=lambda: [times(submitted(hours=3), ago(hours=2, minutes=30), ago(hours=2), keep_id=False)],
          check=_job_is("COMPLETED", "charged for elapsed time")),
 ]
 
