@@ -288,6 +288,21 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+def _no_secrets_for_everyone(path: Path) -> None:
+    """A config file every user may read (the hooks' config is one) holds no password: each
+    service takes its URLs from an environment file only root reads (deploy/env/)."""
+    from urllib.parse import urlsplit
+
+    from shared.errors import ConfigError
+
+    if not path.stat().st_mode & 0o004:
+        return
+    for name, value in tomllib.loads(path.read_text()).items():
+        if name.endswith("_url") and isinstance(value, str) and urlsplit(value).password:
+            raise ConfigError(f"config file {path} is readable by every user and {name} in it holds a password: "
+                              "put that URL in the service's environment file (deploy/env/), or chmod o-r the file")
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     from pydantic import ValidationError
@@ -298,7 +313,10 @@ def get_settings() -> Settings:
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} (from OPENACCT_CONFIG) does not exist")
     try:
-        return Settings()
+        settings = Settings()
+        if path is not None:
+            _no_secrets_for_everyone(path)
+        return settings
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     except ValidationError as exc:

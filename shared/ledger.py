@@ -6,7 +6,8 @@ Every operation here
 - locks the accounts it touches (in id order, so two transfers cannot deadlock) before it reads
   what it checks, so concurrent writers on one account never lose an update or overdraw a check;
 - writes one ``ledger_transactions`` row, its ``ledger_entries`` and the matching running totals
-  in ``account_balances``, all in the caller's database transaction.
+  in ``account_balances`` (added up by the database from the entries), all in the caller's
+  database transaction.
 
 Money lives in allocations. A charge draws on the allocations in force at its effective time,
 the one ending first first; what no allocation covers is owed by the account itself
@@ -113,9 +114,8 @@ def _lock_accounts(session: Session, *accounts: Account | int) -> None:
     FOR NO KEY UPDATE, not FOR UPDATE: it excludes the other writers, which is all it is for,
     and not the KEY SHARE locks that rows referencing the account by a foreign key take."""
     ids = sorted({a if isinstance(a, int) else a.id for a in accounts})
-    if not ids:
-        return
-    session.execute(select(Account.id).where(Account.id.in_(ids)).order_by(Account.id).with_for_update(key_share=True))
+    if ids:  # the owner takes the locks (migration 0011): the workers may not UPDATE accounts
+        session.execute(text("SELECT openacct_lock_accounts(CAST(:ids AS integer[]))"), {"ids": ids})
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,8 @@ def _write(
     entries: Sequence[_Entry],
     **columns: Any,
 ) -> LedgerTransaction:
-    """Insert the transaction unless its key exists; then its entries and running totals."""
+    """Insert the transaction unless its key exists, then its entries (the database adds them to
+    the running totals: migration 0011)."""
     inserted = session.execute(
         insert(LedgerTransaction)
         .values(
@@ -172,13 +173,6 @@ def _write(
             for e in entries
         ],
     )
-    totals: dict[tuple[int, int | None], dict[str, Decimal]] = defaultdict(
-        lambda: dict.fromkeys(BUCKETS, ZERO)
-    )
-    for e in entries:
-        totals[(e.account_id, e.allocation_id)][e.bucket] += e.amount
-    if totals:
-        _add_to_balances(session, totals)
     session.flush()
     return session.get_one(LedgerTransaction, inserted)
 
@@ -453,7 +447,6 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
     _lock_accounts(session, *account_ids, *holding)
     buckets = _buckets(session, account_ids)
     entries = []
-    totals: dict[tuple[int, int | None], Decimal] = defaultdict(lambda: ZERO)
     for r, _, amount in todo:
         if r.key not in written:
             continue  # sorted above: replayed or refused
@@ -462,23 +455,9 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
             entries.append({"transaction_id": written[r.key], "account_id": r.account_id,
                             "allocation_id": allocation_id, "bucket": "charged",
                             "amount": part, "effective_at": r.effective_at})
-            totals[(r.account_id, allocation_id)] += part
-    if entries:
+    if entries:  # the database adds them to the running totals (migration 0011)
         bulk.insert_rows(session, LedgerEntry.__table__, entries)
-        _add_to_balances(session, {k: {"charged": v} for k, v in totals.items()})
     return result
-
-
-def _add_to_balances(session: Session, totals: dict[tuple[int, int | None], dict[str, Decimal]]) -> None:
-    """Add to the running totals, one upsert per (account, allocation), in a fixed order."""
-    rows = [
-        {"account_id": account_id, "allocation_id": allocation_id,
-         **{b: sums.get(b, ZERO) for b in BUCKETS}}
-        for (account_id, allocation_id), sums in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
-    ]
-    add = ", ".join(f"{b} = account_balances.{b} + excluded.{b}" for b in BUCKETS)
-    bulk.insert_rows(session, AccountBalance.__table__, rows,
-                     on_conflict=f"(account_id, allocation_id) DO UPDATE SET {add}")
 
 
 def _referred_sum(session: Session, txn: LedgerTransaction, kind: str) -> Decimal:

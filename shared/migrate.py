@@ -8,6 +8,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, text
 
+from shared import roles
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Any constant works; it keeps two processes from migrating one database at once.
 MIGRATION_LOCK = 0x0A11_0CA7
@@ -24,7 +26,10 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Upgrade to ``revision`` and return the revision the database is at afterwards."""
     with engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+        as_owner = roles.migrate_as_owner(conn)
         command.upgrade(alembic_config(conn), revision)
+        if as_owner:  # a table a migration added gets its privileges without anyone remembering to
+            roles.apply(conn, create=False)
         return current_revision(conn)
 
 

@@ -709,3 +709,15 @@ def test_a_bad_configuration_is_one_clear_line(tmp_path: Path, config: str, env:
     line = assert_one_error_line(openacct_process(tmp_path, config, **env))
     for name in names:
         assert name in line
+
+
+def test_a_config_everyone_reads_holds_no_password(tmp_path: Path) -> None:
+    secret = 'broker_url = "redis://charger:s3cret@broker.example.org:6379/0"\n'
+    config = tmp_path / "openacct.toml"
+    config.write_text(secret)
+    config.chmod(0o644)
+    line = assert_one_error_line(openacct_process(tmp_path, secret))
+    assert "readable by every user and broker_url in it holds a password" in line and "s3cret" not in line
+    config.chmod(0o640)  # the site's choice: only the services' group reads it
+    line = assert_one_error_line(openacct_process(tmp_path, secret))
+    assert "holds a password" not in line and "database" in line  # on to the next thing: no database

@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import uuid
-
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, inspect, make_url
+from sqlalchemy import Engine, inspect
 
-from shared.db import sqlalchemy_url
-from shared.embedded import ensure_database
 from shared.migrate import alembic_config, upgrade
 from shared.models import Base
 
-HEAD = "0010"
+HEAD = "0011"
 
 
 def test_migrated_database_matches_the_models(engine: Engine) -> None:
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert diff == []
-
-
-@pytest.fixture
-def scratch_engine(database_url: str):  # type: ignore[no-untyped-def]
-    url = make_url(database_url)
-    name = f"openacct_scratch_{uuid.uuid4().hex[:8]}"
-    admin = url.render_as_string(hide_password=False)
-    ensure_database(admin, name)
-    engine = create_engine(sqlalchemy_url(url.set(database=name).render_as_string(hide_password=False)))
-    yield engine
-    engine.dispose()  # its connections closed: no need to force (FORCE once took an embedded server down)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}"')
 
 
 def _schema(engine: Engine) -> dict[str, object]:
