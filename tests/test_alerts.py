@@ -80,8 +80,9 @@ def use(money: str) -> None:
 
 
 def sent_keys() -> list[str]:
+    """The keys recorded as given (delivered, or passed over by a higher threshold)."""
     with session_scope() as s:
-        return sorted(s.scalars(select(AlertSent.key)))
+        return sorted(s.scalars(select(AlertSent.key).where(AlertSent.channels.not_in([alerts.SENDING, alerts.UNSENT]))))
 
 
 @pytest.mark.usefixtures("phys")
@@ -266,3 +267,101 @@ def test_a_webhook_that_answers_a_byte_at_a_time_is_given_up_on_in_time(monkeypa
         assert time.monotonic() - started < 3
     finally:
         server.shutdown()
+
+
+def open_transactions() -> tuple[int, list[tuple[str, str]]]:
+    """From a connection of its own: how many other sessions of the test database have a
+    transaction open, and the alerts' rows as committed (FOR UPDATE NOWAIT: none may be locked)."""
+    import os
+
+    import psycopg
+
+    with psycopg.connect(os.environ["OPENACCT_DATABASE_URL"], autocommit=True) as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND xact_start IS NOT NULL").fetchone()
+        rows = conn.execute("SELECT key, channels FROM alerts_sent WHERE channels <> '' ORDER BY key "
+                            "FOR UPDATE NOWAIT").fetchall()
+    return count, [(key.split(":")[2], channels) for key, channels in rows]
+
+
+def test_no_transaction_is_open_while_an_alert_goes_out(center, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A mail server and a webhook that, while they take an alert, look at the database from a
+    connection of their own: the alert's claim is committed, and the reporter holds no
+    transaction open (one would keep its row locks and snapshot for up to 10 s a channel).
+    Through the beat's task, then through a report request (a batch, whose transaction ends first)."""
+    from services.reporter import tasks
+    from shared import signing
+    from shared.config import get_settings
+
+    seen: list[tuple[str, int, list[tuple[str, str]]]] = []
+
+    class Checking(Inbox):
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+            seen.append(("email", *open_transactions()))
+            return await super().handle_DATA(server, session, envelope)
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(("webhook", *open_transactions()))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    inbox, port = Checking(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    controller.start()
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OPENACCT_SMTP_URL", f"smtp://127.0.0.1:{port}")
+    monkeypatch.setenv("OPENACCT_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{hook.server_port}/alerts")
+    get_settings.cache_clear()
+    try:
+        with session_scope():
+            get_project("phys").pi.email = "bob@example.org"
+        charge("phys", "cluster-core-hours", "12000", user="tux")  # 600 of 1000
+        assert tasks.send_alerts.apply(args=[signing.seal("reporter.alerts", {})], throw=True).get() == 1
+        charge("phys", "cluster-core-hours", "7000", user="tux")  # 950 of 1000
+        request = json.dumps({"schema_version": 1, "kind": "report.requested", "event_id": "r:alerts",
+                              "report": "alerts", "params": {}})
+        tasks.process_batch.apply(args=[signing.seal("reporter.process_batch", [request])], throw=True).get()
+    finally:
+        controller.stop()
+        hook.shutdown()
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    given = "log,email,webhook"
+    assert seen == [("email", 0, [("0.5", "sending")]), ("webhook", 0, [("0.5", "sending")]),
+                    ("email", 0, [("0.5", given), ("0.9", "sending")]),
+                    ("webhook", 0, [("0.5", given), ("0.9", "sending")])]
+    assert open_transactions() == (0, [("0.5", given), ("0.9", given)])
+    assert len(inbox.messages) == 2
+
+
+@pytest.mark.usefixtures("phys")
+def test_a_claim_whose_run_died_mid_send_is_taken_over_once_its_lease_is_over(webhook, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import update
+
+    settings = Settings(alert_webhook_url=webhook[0])
+    use("60")
+
+    def killed(*_: Any) -> Any:
+        raise SystemExit("the worker is stopped mid-send")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(alerts, "deliver", killed)
+        with pytest.raises(SystemExit):
+            run(settings)
+    with session_scope() as s:
+        assert list(s.execute(select(AlertSent.key, AlertSent.channels)))[0][1] == alerts.SENDING  # the claim stayed
+    assert run(settings) == [] and webhook[1] == []  # not sent twice in a row: the run may still be sending
+    with session_scope() as s:
+        s.execute(update(AlertSent).values(sent_at=AlertSent.sent_at - alerts.LEASE))
+    (again,) = run(settings)  # the lease is over: the claim is taken and the alert goes out
+    assert [h["key"] for h in webhook[1]] == [again.keys[0]]
+    assert run(settings) == []
+    with session_scope() as s:
+        assert list(s.scalars(select(AlertSent.channels))) == ["log,webhook"]

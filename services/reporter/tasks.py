@@ -2,6 +2,7 @@
 
 Thin and late-acked like the other workers; each run is one transaction, and safe to repeat:
 alerts are claimed once per threshold, statements are files written whole over the last run's.
+Alerts are the exception to one transaction: none is open while they go out (``alerts.send``).
 """
 
 from __future__ import annotations
@@ -58,12 +59,22 @@ def scheduled(name: str) -> Callable[[Callable[..., Any]], Any]:
 @app.task(name="reporter.process_batch", bind=True, autoretry_for=RETRYABLE, retry_backoff=True,
           retry_backoff_max=60, retry_jitter=True, max_retries=None)
 def process_batch(self, events: list) -> dict[str, int]:  # type: ignore[no-untyped-def]
-    return run_batch(self, events, report_events, source="reporter")
+    asked: list[str] = []
+    outcome = run_batch(self, events, functools.partial(report_events, alerts_asked=asked), source="reporter")
+    if asked:
+        # The batch's transaction recorded the alerts due as owed; they go out now that it is over
+        # (a run too many, after a batch tried again one event at a time, gives nothing twice).
+        deliver_alerts()
+    return outcome
 
 
 @scheduled("reporter.alerts")
 def send_alerts() -> int:
     """Deliver the alerts due now (beat runs this every ``alert_interval`` seconds)."""
+    return deliver_alerts()
+
+
+def deliver_alerts() -> int:
     settings = get_settings()
     with session_scope() as session:
         return len(alerts.send(session, settings, alerts.due(session, settings)))
@@ -147,7 +158,11 @@ def bounded(name: str, value: object, low: int, high: int) -> int:
     return value
 
 
-def report_events(session: Session, items: list[Any], *, source: str = "") -> Outcome:
+def report_events(session: Session, items: list[Any], *, source: str = "",
+                  alerts_asked: list[str] | None = None) -> Outcome:
+    """Apply report requests in the batch's transaction. An alerts request only records the
+    alerts due as owed, and its id in ``alerts_asked``: the caller sends them once the
+    transaction is over (no network I/O inside it)."""
     outcome = Outcome()
     requests, parked = sort_out(items, (ReportRequested,), "reporter", source)
     for request, raw in requests:
@@ -161,8 +176,9 @@ def report_events(session: Session, items: list[Any], *, source: str = "") -> Ou
                     outcome.duplicates += 1
                     continue
                 if request.report == "alerts":
-                    settings = get_settings()
-                    alerts.send(session, settings, alerts.due(session, settings))
+                    alerts.owe(session, alerts.due(session, get_settings()))
+                    if alerts_asked is not None:
+                        alerts_asked.append(request.event_id)
                 elif request.report == "rollup":
                     today = dt.datetime.now(dt.UTC).date()
                     first = dt.date.fromisoformat(str(request.params.get("from") or today - dt.timedelta(days=ROLLUP_DAYS)))
