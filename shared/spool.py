@@ -62,8 +62,14 @@ class UnsafeSpool(OpenAcctError):
 def check_safe(spool_dir: PathLike) -> None:
     """Refuse a spool whose events anyone but its owner (the hooks' user) and its group (with
     the relay) could have written: each of its folders a real folder (not a link), of the
-    spool's owner and group, not writable by others, without ACLs that could grant it."""
+    spool's owner and group, not writable by others, without ACLs that could grant it. The spool
+    is this process's user's (or root's, made for it), and no folder above it lets another user
+    put a spool of theirs in its place."""
     top = os.lstat(spool_dir)
+    if top.st_uid not in (os.geteuid(), 0):
+        raise UnsafeSpool(f"spool {spool_dir} belongs to uid {top.st_uid}, not to this user (uid {os.geteuid()}) "
+                          "nor root: someone else made it; remove it and let the relay make the spool")
+    _check_parents(os.path.abspath(spool_dir))
     for part in ("", TMP, NEW, REJECT, LOG):
         path = os.path.join(spool_dir, part)
         info = os.lstat(path)
@@ -83,6 +89,23 @@ def check_safe(spool_dir: PathLike) -> None:
         if acls:
             raise UnsafeSpool(f"spool {path} has an ACL ({', '.join(acls)}), which may let others write to it: "
                               "setfacl -b it")
+
+
+def _check_parents(path: str) -> None:
+    """Who may rename or replace a folder is whoever may write to the folder above it: each one
+    up to / is root's or this user's, and writable by others only with the sticky bit (/tmp)."""
+    parent = os.path.dirname(path)
+    while True:
+        info = os.stat(parent)
+        if info.st_uid not in (os.geteuid(), 0):
+            raise UnsafeSpool(f"{parent}, above the spool, belongs to uid {info.st_uid}, who could replace the "
+                              "spool with one of their own: keep the spool under folders of root or this user")
+        if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+            raise UnsafeSpool(f"{parent}, above the spool, is writable by every user, who could replace the spool "
+                              "with one of their own: chmod o-w it")
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
 
 
 def durable_write(directory: str, name: str, data: bytes, tmp_dir: str) -> str:

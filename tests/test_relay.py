@@ -63,6 +63,25 @@ def test_a_spool_folder_another_user_made_is_refused(tmp_path: Path) -> None:
         spool.check_safe(tmp_path)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a folder another user's takes root")
+def test_a_spool_another_user_owns_or_could_replace_is_refused(tmp_path: Path) -> None:
+    spool.ensure(tmp_path / "theirs")
+    for folder in (tmp_path / "theirs", *(tmp_path / "theirs").iterdir()):
+        os.chown(folder, 65534, 65534)  # nobody made the whole spool: every folder agrees, still not ours
+    with pytest.raises(spool.UnsafeSpool, match="belongs to uid 65534, not to this user"):
+        spool.check_safe(tmp_path / "theirs")
+    above = tmp_path / "shared"
+    spool.ensure(above / "spool")
+    os.chmod(above, 0o777)  # anyone could rename our spool away and put theirs in its place
+    with pytest.raises(spool.UnsafeSpool, match="above the spool, is writable by every user"):
+        spool.check_safe(above / "spool")
+    os.chmod(above, 0o1777)  # as /tmp: sticky, only the owner renames
+    spool.check_safe(above / "spool")
+    os.chown(above, 65534, -1)
+    with pytest.raises(spool.UnsafeSpool, match="above the spool, belongs to uid 65534"):
+        spool.check_safe(above / "spool")
+
+
 def test_a_spool_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
     spool.ensure(tmp_path / "spool")
     elsewhere = tmp_path / "elsewhere"

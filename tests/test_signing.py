@@ -87,6 +87,35 @@ def test_a_signed_message_changed_on_the_way_is_refused(center: Engine, workers:
     wait_for(lambda: balance("phys").charged == D("3.2"), 60, "the real message charged")
 
 
+def test_a_captured_signed_message_sent_again_changes_nothing(center: Engine, workers: str) -> None:
+    """Someone who read signed messages off the broker can send them again, but every effect is
+    keyed (the inbox by event id, the ledger by idempotency key): at-least-once delivery."""
+    def job(n: int) -> Any:
+        return signing.seal(TASKS["charger"], [raw(job_completed(n, cpus=64, seconds=3600)).decode()])
+
+    def refund(n: int) -> Any:
+        return signing.seal(TASKS["refunder"], [json.dumps({
+            "schema_version": 1, "kind": "refund.requested", "event_id": f"refund:{n}", "system": "cluster",
+            "job_id": str(n), "reason": "node fault", "requester": "admin"})])
+
+    captured_job, captured_refund = job(11), refund(11)
+    send(workers, "charger", captured_job)
+    wait_for(lambda: balance("phys").charged == D("3.2"), 60, "the job charged")
+    send(workers, "refunder", captured_refund)
+    wait_for(lambda: balance("phys").refunded == D("3.2"), 60, "the job refunded")
+    for _ in range(3):
+        send(workers, "charger", captured_job)
+        send(workers, "refunder", captured_refund)
+    # One worker takes each queue in order: once the next genuine messages are applied, so are the copies.
+    send(workers, "charger", job(12))
+    wait_for(lambda: balance("phys").charged == D("6.4"), 60, "the next job charged")
+    send(workers, "refunder", refund(12))
+    wait_for(lambda: balance("phys").refunded == D("6.4"), 60, "the next job refunded")
+    with Session(center) as s:
+        kinds = sorted(s.scalars(select(LedgerTransaction.kind).where(LedgerTransaction.kind != "deposit")))
+    assert kinds == ["charge", "charge", "refund", "refund"] and parked(center) == []
+
+
 def test_a_scheduler_key_sends_jobs_but_cannot_refund(center: Engine, redis: Any, tmp_path: Path) -> None:
     # The workers know the relay's scheduler key beside the administrators' key.
     keys = tmp_path / "workers.json"
