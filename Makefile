@@ -6,13 +6,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test simulate lint clean
+.PHONY: demo test test-slurm simulate lint clean
 
 demo: $(INSTALLED)
 	$(BIN)/openacct demo
 
+# Everything but the live Slurm tier; installs nothing outside the checkout, whoever runs it.
 test: $(INSTALLED)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slurm" $(PYTEST_ARGS)
+
+# The live Slurm tier (tests/slurm/): a single-node Slurm the tests start, its slurmdbd on the
+# MariaDB at 127.0.0.1:3306. Installs Debian's Slurm packages first if they are missing (root,
+# apt-get): the one target that installs system packages, and only when asked.
+test-slurm: $(INSTALLED)
+	$(BIN)/python -m tests.slurm.harness install
+	$(BIN)/python -m pytest -m slurm tests/slurm $(PYTEST_ARGS)
 
 # The ledger against its model (tests/test_ledger_simulator.py) for longer than the test run's
 # minute: make simulate SECONDS=600. A failure prints the seed that replays it.

@@ -107,13 +107,13 @@ def install() -> None:
 
 
 def unavailable() -> str | None:
-    """Why this machine cannot run the Slurm tier (installing Slurm first if it can), or None."""
+    """Why this machine cannot run the Slurm tier, or None. A test run installs nothing: Slurm's
+    packages come from ``make test-slurm`` (``python -m tests.slurm.harness install``), before it."""
     if os.geteuid() != 0:
         return "the Slurm tier runs slurmd, which must be root to start jobs as their users"
-    try:
-        install()
-    except RuntimeError as exc:
-        return str(exc)
+    if missing_binaries():
+        return (f"Slurm is not installed ({', '.join(missing_binaries())} missing): "
+                "make test-slurm installs it (root, apt-get)")
     if _which("mysql") is None and _which("mariadb") is None:
         return "no mysql/mariadb client to create slurmdbd's database with"
     try:
