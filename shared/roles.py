@@ -1,25 +1,30 @@
 """Least-privilege database roles: each process may do what its job needs and nothing more.
 
-``openacct db roles`` (run by a superuser, or a login with CREATEROLE that owns the tables)
-creates NOLOGIN group roles, which a site grants to its login users:
+``openacct db roles`` (run by a superuser) creates NOLOGIN group roles, which a site grants to
+login roles of its own, one per process:
 
 - ``openacct_owner`` owns every table and the ledger's functions. Nobody logs in as it; the
   login that runs ``openacct db upgrade`` is made a member, and migrations run under it.
-- ``openacct_reader`` reads everything.
-- ``openacct_charger`` runs the workers, the relay and admission: it writes jobs, the inbox, dead
-  letters, ledger rows and reports' bookkeeping. It changes no running balance (the database adds
-  them up from the entries, migration 0011), no account setting and no center data, and it may not
-  give money: a ledger entry of its own never touches what an allocation was given.
+- ``openacct_reader`` reads everything (the relay, reports).
+- ``openacct_charger`` runs the workers (charger, refunder, reporter): it writes jobs, the inbox,
+  dead letters, ledger rows and reports' bookkeeping. It changes no running balance (the database
+  adds them up from the entries, migration 0011), no account setting and no center data, and it
+  may not give money: a ledger entry of its own never touches what an allocation was given.
+- ``openacct_admission`` is the admission service's, on the scheduler's host: what the charger
+  may, but its ledger entries only hold money and release it, so that host cannot refund.
 - ``openacct_admin`` models the center and moves money by hand, through ledger rows too.
 
-No role may UPDATE, DELETE or TRUNCATE a ledger row; the owner could, were it not for the
-triggers that refuse it (migrations 0001 and 0011).
+No role may UPDATE, DELETE or TRUNCATE a ledger row, and the owner may not either, short of
+dropping the triggers that refuse it (migrations 0001 and 0011). The database takes a
+transaction's entries whole, on its own account, adding up to its amount (migration 0011).
 
-The grants are made anew by every ``openacct db upgrade`` once the roles are in place, so a table a
-migration adds gets its privileges without anyone remembering to.
+The grants are made anew by every ``openacct db upgrade`` once the roles are in place, so a table
+a migration adds gets its privileges without anyone remembering to.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from sqlalchemy import Connection, text
 
@@ -29,34 +34,40 @@ CENTER = ("systems", "services", "service_rates", "users", "projects", "project_
           "membership_events", "accounts", "service_grants", "allocations", "aliases",
           "resource_services", "charge_multipliers")
 RECORDS = ("account_balances", "jobs", "processed_events", "parked_events", "task_deliveries", "alerts_sent",
-           "usage_daily", "open_holds", "statements_issued")
+           "usage_daily", "open_holds", "statements_issued", "ledger_misshapen")
+WORKER: list[tuple[str, tuple[str, ...]]] = [
+    ("SELECT", CENTER + LEDGER + RECORDS),
+    ("INSERT", LEDGER + ("jobs", "processed_events", "parked_events", "task_deliveries", "alerts_sent",
+                         "statements_issued")),
+    ("UPDATE", ("jobs", "task_deliveries", "alerts_sent")),
+    # the usage rollup replaces a day's rows whole
+    ("INSERT, DELETE", ("usage_daily",)),
+    # holds still open, kept by the ledger beside the journal
+    ("INSERT, UPDATE, DELETE", ("open_holds",)),
+]
 
 # role -> [(privileges, tables)]
 ROLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "openacct_reader": [("SELECT", CENTER + LEDGER + RECORDS)],
-    "openacct_charger": [
-        ("SELECT", CENTER + LEDGER + RECORDS),
-        ("INSERT", LEDGER + ("jobs", "processed_events", "parked_events", "task_deliveries", "alerts_sent",
-                             "statements_issued")),
-        ("UPDATE", ("jobs", "task_deliveries", "alerts_sent")),
-        # the usage rollup replaces a day's rows whole
-        ("INSERT, DELETE", ("usage_daily",)),
-        # holds still open, kept by the ledger beside the journal (admission runs as this role)
-        ("INSERT, UPDATE, DELETE", ("open_holds",)),
-    ],
+    "openacct_charger": WORKER,
+    "openacct_admission": WORKER,
     "openacct_admin": [
         ("SELECT", CENTER + LEDGER + RECORDS),
-        ("INSERT, UPDATE", CENTER + ("jobs", "processed_events", "parked_events", "task_deliveries")),
+        ("INSERT, UPDATE", CENTER + ("jobs", "processed_events", "parked_events", "task_deliveries",
+                                     "alerts_sent")),
         ("DELETE", ("project_members",)),
-        ("INSERT", LEDGER),
+        ("INSERT", LEDGER + ("statements_issued",)),
+        # reports run by hand: the usage rollup, holds expired
+        ("INSERT, DELETE", ("usage_daily",)),
         ("INSERT, UPDATE, DELETE", ("open_holds",)),
     ],
 }
 # The ledger's functions that a role calls itself (trigger functions are called by the triggers).
-FUNCTIONS = {"openacct_lock_accounts(integer[])": ("openacct_charger", "openacct_admin")}
+FUNCTIONS = {"openacct_lock_accounts(integer[])": ("openacct_charger", "openacct_admission", "openacct_admin")}
 # Who may write which ledger entries (row-level security; the owner is not subject to it).
 ENTRY_POLICIES = {
     "openacct_charger": "bucket <> 'allocated'",  # charges, refunds and holds: never money given
+    "openacct_admission": "bucket = 'held'",  # holds and their release only
     "openacct_admin": "true",
 }
 
@@ -94,38 +105,70 @@ def create_statements() -> list[str]:
         *(_MISSING_ROLE.format(role=role) for role in (OWNER, *ROLES)),
         f"GRANT USAGE, CREATE ON SCHEMA public TO {OWNER}",
         "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+        # Roles are the server's, not the database's: a login of another database on this server
+        # may not connect to this one, nor make temporary tables in it.
+        "DO $$ BEGIN EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', current_database()); "
+        f"EXECUTE format('GRANT CONNECT ON DATABASE %I TO {', '.join((OWNER, *ROLES))}', current_database()); END $$",
         _OWN,
     ]
 
 
-def grant_statements() -> list[str]:
-    """Privileges, function rights and the ledger's row policies: the owner's work, idempotent."""
-    sql = []
+# Row-level security, set only where it is not already: ALTER TABLE and CREATE POLICY lock the
+# ledger against every writer, which an upgrade with nothing to change must not do. A policy's
+# name ends in a digest of what it says, so a changed rule is a new name: the old one is dropped.
+_POLICY = """
+DO $$ DECLARE
+    old record;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_policies WHERE schemaname = 'public' AND tablename = 'ledger_entries'
+                   AND policyname = '{name}') THEN
+        FOR old IN SELECT policyname FROM pg_policies WHERE schemaname = 'public' AND tablename = 'ledger_entries'
+                    AND policyname LIKE '{prefix}%' LOOP
+            EXECUTE format('DROP POLICY %I ON ledger_entries', old.policyname);
+        END LOOP;
+        CREATE POLICY {name} ON ledger_entries {rule};
+    END IF;
+END $$
+"""
+
+
+def _policy(prefix: str, rule: str) -> str:
+    name = f"{prefix}_{hashlib.sha256(rule.encode()).hexdigest()[:8]}"
+    return _POLICY.format(name=name, prefix=prefix.replace("_", "\\_"), rule=rule)
+
+
+def grant_statements(tables: set[str] | None = None) -> list[str]:
+    """Privileges, function rights and the ledger's row policies: the owner's work, idempotent.
+    ``tables``: those that exist (an older revision has fewer); None, all."""
+    sql = ["REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA public FROM PUBLIC"]
     for role, grants in ROLES.items():
         sql.append(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}")
         sql.append(f"GRANT USAGE ON SCHEMA public TO {role}")
-        for privileges, tables in grants:
-            sql.append(f"GRANT {privileges} ON {', '.join(tables)} TO {role}")
+        for privileges, named in grants:
+            present = [t for t in named if tables is None or t in tables]
+            if present:
+                sql.append(f"GRANT {privileges} ON {', '.join(present)} TO {role}")
     for function, callers in FUNCTIONS.items():  # once its migration has made it
         sql.append(f"DO $$ BEGIN IF to_regprocedure('{function}') IS NOT NULL THEN "
-                   f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC; "
                    f"GRANT EXECUTE ON FUNCTION {function} TO {', '.join(callers)}; END IF; END $$")
-    sql.append("ALTER TABLE ledger_entries ENABLE ROW LEVEL SECURITY")
-    sql.append("DROP POLICY IF EXISTS openacct_read ON ledger_entries")
-    sql.append("CREATE POLICY openacct_read ON ledger_entries FOR SELECT USING (true)")
+    sql.append("DO $$ BEGIN IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = 'public.ledger_entries'::regclass) "
+               "THEN ALTER TABLE ledger_entries ENABLE ROW LEVEL SECURITY; END IF; END $$")
+    sql.append(_policy("openacct_read", "FOR SELECT USING (true)"))
     for role, check in ENTRY_POLICIES.items():
-        sql.append(f"DROP POLICY IF EXISTS {role}_writes ON ledger_entries")
-        sql.append(f"CREATE POLICY {role}_writes ON ledger_entries FOR INSERT TO {role} WITH CHECK ({check})")
+        sql.append(_policy(f"{role}_writes", f"FOR INSERT TO {role} WITH CHECK ({check})"))
     return sql
 
 
-def statements(*, create: bool = True) -> list[str]:
-    return (create_statements() if create else []) + grant_statements()
+def statements(*, create: bool = True, tables: set[str] | None = None) -> list[str]:
+    return (create_statements() if create else []) + grant_statements(tables)
 
 
 def apply(connection: Connection, *, create: bool = True) -> None:
     """``openacct db roles``; with ``create=False``, what every upgrade does after migrating."""
-    for statement in statements(create=create):
+    tables = set(connection.scalars(text(
+        "SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v')")))
+    for statement in statements(create=create, tables=tables):
         connection.execute(text(statement))
 
 

@@ -212,3 +212,91 @@ def test_a_charger_login_runs_the_workers_and_cannot_touch_money_otherwise(
                           "TRUNCATE ledger_entries", "UPDATE service_rates SET rate = 0"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
                 conn.execute(statement)
+
+
+def test_nobody_calls_the_owners_functions_from_a_table_of_their_own(as_role, db_connection: Connection) -> None:  # type: ignore[no-untyped-def]
+    """A login's temporary table with a trigger calling the owner's balance function would add up
+    whatever the login inserts into it, as the owner."""
+    as_role("openacct_reader")
+    mint = ("CREATE TEMP TABLE mint (account_id int, allocation_id int, bucket text, amount numeric); "
+            "CREATE TRIGGER mint AFTER INSERT ON mint REFERENCING NEW TABLE AS added FOR EACH STATEMENT "
+            "EXECUTE FUNCTION public.openacct_post_entries(); "
+            "INSERT INTO mint SELECT account_id, allocation_id, 'allocated', 1000000 FROM account_balances")
+    db_connection.execute(text("RESET ROLE"))
+    db_connection.execute(text("GRANT TEMPORARY ON DATABASE " + db_connection.engine.url.database + " TO PUBLIC"))
+    as_role("openacct_charger")
+    assert "permission denied for function public.openacct_post_entries" in refusal(db_connection, mint)
+    db_connection.execute(text("RESET ROLE"))  # even were it granted, it works for the ledger's entries only
+    db_connection.execute(text("GRANT EXECUTE ON FUNCTION openacct_post_entries() TO PUBLIC"))
+    as_role("openacct_charger")
+    assert "guards ledger_entries only" in refusal(db_connection, mint)
+
+
+def test_a_worker_login_cannot_move_or_cancel_a_charge(as_role, db_connection: Connection) -> None:  # type: ignore[no-untyped-def]
+    with session_scope() as s:
+        charge_events(s, [raw(job_completed(1)).decode()])
+    as_role("openacct_charger")
+    moved = ("INSERT INTO ledger_entries (transaction_id, account_id, allocation_id, bucket, amount, effective_at) "
+             "SELECT t.id, a.id, NULL::int, 'charged', {sign} t.amount, now() FROM ledger_transactions t "
+             "JOIN accounts a ON a.name = '{account}' WHERE t.kind = 'charge'")
+    # the charge cancelled on its own account, or moved onto another's: both refused
+    assert "entries were added to it after it was written" in refusal(db_connection, moved.format(sign="-",
+                                                                                                   account="phys"))
+    assert "ledger refused" in refusal(db_connection, moved.format(sign="-", account="phys") + " UNION ALL " +
+                                       moved.format(sign="", account="chem").split(") ", 1)[1])
+    # a temporary ledger_transactions cannot vouch for a transaction that does not exist
+    db_connection.execute(text("RESET ROLE"))
+    db_connection.execute(text("GRANT TEMPORARY ON DATABASE " + db_connection.engine.url.database + " TO PUBLIC"))
+    as_role("openacct_charger")
+    orphan = ("CREATE TEMP TABLE ledger_transactions (id bigint); INSERT INTO ledger_transactions VALUES (424242); "
+              "INSERT INTO ledger_entries (transaction_id, account_id, allocation_id, bucket, amount, effective_at) "
+              "SELECT 424242, id, NULL, 'charged', -10, now() FROM accounts WHERE name = 'chem'")
+    assert "an entry of a transaction that does not exist" in refusal(db_connection, orphan)
+
+
+def test_the_admission_role_holds_money_and_nothing_else(as_role, db_connection: Connection) -> None:  # type: ignore[no-untyped-def]
+    as_role("openacct_admission")
+    entry = ("WITH t AS (INSERT INTO ledger_transactions (kind, idempotency_key, request_hash, amount, account_id, "
+             "effective_at, details) SELECT '{kind}', '{kind}-by-admission', '', 5, id, now(), '{{}}' FROM accounts "
+             "WHERE name = 'phys' RETURNING id, account_id) INSERT INTO ledger_entries (transaction_id, account_id, "
+             "allocation_id, bucket, amount, effective_at) SELECT id, account_id, NULL, '{bucket}', 5, now() FROM t")
+    assert "row-level security" in refusal(db_connection, entry.format(kind="refund", bucket="refunded"))
+    assert refusal(db_connection, entry.format(kind="hold", bucket="held")) == ""
+
+
+def test_balances_written_by_anything_but_the_ledger_are_refused(as_role, db_connection: Connection) -> None:  # type: ignore[no-untyped-def]
+    """Workers of an older OpenAcct add to the totals themselves: after the upgrade they would count
+    twice, so they fail instead."""
+    db_connection.execute(text("GRANT UPDATE ON account_balances TO openacct_charger"))  # as the old grants did
+    as_role("openacct_charger")
+    assert "account_balances are added up from the ledger entries; UPDATE refused" in refusal(
+        db_connection, "UPDATE account_balances SET charged = charged + 1")
+
+
+def test_verify_names_a_transaction_whose_entries_break_its_kind(as_role, db_connection: Connection) -> None:  # type: ignore[no-untyped-def]
+    from shared import ledger
+
+    with session_scope() as s:
+        charge_events(s, [raw(job_completed(1)).decode()])
+        assert ledger.verify(s) == []
+    db_connection.execute(text("SET LOCAL session_replication_role = replica"))  # history broken behind its back
+    db_connection.execute(text("INSERT INTO ledger_entries (transaction_id, account_id, bucket, amount, effective_at) "
+                               "SELECT id, account_id, 'charged', 1, now() FROM ledger_transactions WHERE kind = 'charge'"))
+    db_connection.execute(text("SET LOCAL session_replication_role = origin"))
+    with session_scope() as s:
+        problems = [str(p) for p in ledger.verify(s)]
+    assert any("do not add up to its amount" in p for p in problems), problems
+
+
+def test_an_upgrade_with_nothing_to_do_waits_on_no_writer(scratch_engine: Engine) -> None:
+    """Granting anew after every upgrade must not lock the ledger: row-level security is set only
+    where it is not already."""
+    upgrade(scratch_engine)
+    with scratch_engine.begin() as conn:
+        roles.apply(conn)
+    with scratch_engine.connect() as writer, scratch_engine.connect() as upgrader:
+        writer.execute(text("LOCK TABLE ledger_entries IN ROW EXCLUSIVE MODE"))  # a charge in flight
+        upgrader.execute(text("SET LOCAL lock_timeout = '2s'"))
+        roles.apply(upgrader, create=False)
+        upgrader.commit()
+        writer.rollback()
