@@ -106,6 +106,7 @@ WHOLE = f"""
 CREATE FUNCTION openacct_entries_whole() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER {SAFE_PATH} AS $$
 DECLARE
     bad record;
+    touched bigint[];
 BEGIN
     {ONLY_ON.format(table="ledger_entries")}
     SELECT n.transaction_id, 'entries were added to it after it was written' AS problem INTO bad
@@ -113,8 +114,11 @@ BEGIN
      WHERE n.written <> (SELECT count(*) FROM public.ledger_entries e WHERE e.transaction_id = n.transaction_id)
      LIMIT 1;
     IF NOT FOUND THEN
+        -- An array, not a join with `added`: the condition then reaches into the view, which
+        -- reads these transactions by their keys instead of the whole ledger.
+        SELECT array_agg(DISTINCT transaction_id) INTO touched FROM added;
         SELECT m.transaction_id, m.problem INTO bad FROM public.ledger_misshapen m
-         WHERE m.transaction_id IN (SELECT transaction_id FROM added) LIMIT 1;
+         WHERE m.transaction_id = ANY(touched) LIMIT 1;
     END IF;
     IF FOUND THEN
         RAISE EXCEPTION 'ledger refused: transaction #%: %', bad.transaction_id, bad.problem
