@@ -39,5 +39,7 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
+# .openacct (CI's data directory) goes: a local instance running on it stops first, its files with it.
 clean:
+	-[ ! -d .openacct ] || [ ! -x $(BIN)/openacct ] || OPENACCT_DATA_DIR=$(CURDIR)/.openacct $(BIN)/openacct local stop --delete-data
 	rm -rf $(VENV) .openacct .pytest_cache

@@ -62,8 +62,10 @@ def main() -> int:
     if (reason := unavailable()) is not None:
         print(f"no live Slurm here: {reason}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="openacct-bench-admission-") as tmp_name:
-        tmp = Path(tmp_name)
+    from shared import local_instance
+
+    with tempfile.TemporaryDirectory(prefix="openacct-bench-admission-") as tmp_name, \
+            local_instance.stopped_after(Path(tmp_name)) as tmp:
         tmp.chmod(0o755)
         slurm = Slurm(tmp / "slurm")
         slurm.directory.chmod(0o755)

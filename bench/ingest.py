@@ -33,10 +33,11 @@ def scratch_database(tmp: Path) -> str:
     import psycopg
     from sqlalchemy import make_url
 
-    from shared.embedded import ensure_database, postgres_url
+    from shared import local_instance
+    from shared.databases import ensure_database
 
     given = os.environ.get("OPENACCT_DATABASE_URL")
-    server = make_url(given or postgres_url(tmp, "postgres")).set(drivername="postgresql")
+    server = make_url(given or local_instance.database_url(tmp, "postgres")).set(drivername="postgresql")
     admin = server.render_as_string(hide_password=False)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS openacct_bench WITH (FORCE)")
@@ -177,10 +178,10 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--baseline-events", type=int, default=1_000)
     args = parser.parse_args()
+    from shared import local_instance
     from tests.pipeline import RedisServer
 
-    with tempfile.TemporaryDirectory() as name:
-        tmp = Path(name)
+    with tempfile.TemporaryDirectory() as name, local_instance.stopped_after(Path(name)) as tmp:
         url = scratch_database(tmp)
         prepare(url)
         redis = RedisServer(tmp / "redis")

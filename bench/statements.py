@@ -31,10 +31,11 @@ CHUNK = 1_000_000
 def database(tmp: Path) -> str:
     from sqlalchemy import make_url
 
-    from shared.embedded import ensure_database, postgres_url
+    from shared import local_instance
+    from shared.databases import ensure_database
 
     given = os.environ.get("OPENACCT_DATABASE_URL")
-    server = make_url(given or postgres_url(tmp, "postgres")).set(drivername="postgresql")
+    server = make_url(given or local_instance.database_url(tmp, "postgres")).set(drivername="postgresql")
     ensure_database(server.render_as_string(hide_password=False), DATABASE)
     return server.set(database=DATABASE).render_as_string(hide_password=False)
 
@@ -105,10 +106,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from services.reporter.statements import month, statements
+    from shared import local_instance
     from shared.db import session_scope
 
-    with tempfile.TemporaryDirectory() as name:
-        url = database(Path(os.environ.get("OPENACCT_BENCH_DIR", name)))
+    kept = os.environ.get("OPENACCT_BENCH_DIR")  # a ledger generated once, for the next run to reuse
+    with tempfile.TemporaryDirectory() as name, local_instance.stopped_after(Path(kept or name),
+                                                                             delete_data=not kept) as bench_dir:
+        url = database(bench_dir)
         generate(url, args.projects, args.charges)
         start, end = month("2026-10")
         timings = {}

@@ -3,8 +3,11 @@
 It starts the embedded servers (or uses the configured ones), a relay and a charger worker,
 loads the quick-start center with deposits, runs a synthetic day of Slurm jobs through the real
 ``openacct hook slurm-jobcomp`` command, waits until every event is charged or parked, and
-prints the balances. It never touches the configured database's data: it (re)creates a database
-named ``openacct_demo`` beside it.
+prints the balances. With no database configured it builds the center in the local instance's
+database, which every later command uses and which keeps running after the demo (``openacct
+local stop`` stops it): ``openacct balance phys`` then shows the demo's balance. With a database
+configured it never touches that database's data: it (re)creates one named ``openacct_demo``
+beside it.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, make_url, select
 
-from shared import config, db
-from shared.embedded import ensure_database
+from shared import config, db, local_instance
+from shared.databases import drop_database, ensure_database
+from shared.errors import OpenAcctError
 
 DEMO_DATABASE = "openacct_demo"
+# Written on the database the demo builds: the mark that it may build it again.
+MADE_BY_DEMO = "made by openacct demo"
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 JOBS = 400
 # (state, weight): a day on a busy cluster, with a few jobs OpenAcct must refuse to charge.
@@ -37,17 +43,38 @@ console = Console(highlight=False)
 
 
 def _demo_database_url(settings: config.Settings) -> str:
+    """The local instance's database, which later commands use; or, with a database configured,
+    ``openacct_demo`` beside it. Either is made anew."""
     if settings.database_url:
         server = make_url(settings.database_url).set(drivername="postgresql")
+        name = DEMO_DATABASE
     else:
-        from shared.embedded import postgres_url
-
-        server = make_url(postgres_url(settings.data_dir, "postgres"))
+        server = make_url(local_instance.database_url(settings.data_dir, "postgres"))
+        name = local_instance.DATABASE_NAME
     admin = server.render_as_string(hide_password=False)
+    url = server.set(database=name).render_as_string(hide_password=False)
+    if name != DEMO_DATABASE and _holds_a_center_of_its_own(admin, url, name):
+        raise OpenAcctError(f"the local instance's database {name} holds a center the demo did not make, and the "
+                            "demo would replace it: `openacct local stop --delete-data` starts afresh (deleting it), "
+                            "or set OPENACCT_DATABASE_URL to build the demo beside another database")
+    drop_database(admin, name)
+    ensure_database(admin, name)
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DEMO_DATABASE)))
-    ensure_database(admin, DEMO_DATABASE)
-    return server.set(database=DEMO_DATABASE).render_as_string(hide_password=False)
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(MADE_BY_DEMO)))
+    return url
+
+
+def _holds_a_center_of_its_own(admin: str, url: str, name: str) -> bool:
+    """Whether ``name`` has projects that a run of the demo did not put there."""
+    with psycopg.connect(admin) as conn:
+        row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                           (name,)).fetchone()
+    if row is None or row[0] == MADE_BY_DEMO:
+        return False
+    with psycopg.connect(url) as conn:
+        if conn.execute("SELECT to_regclass('projects')").fetchone()[0] is None:
+            return False
+        return conn.execute("SELECT EXISTS (SELECT 1 FROM projects)").fetchone()[0]
 
 
 def _openacct() -> str:
@@ -90,13 +117,7 @@ def run() -> None:
     shutil.rmtree(demo_dir, ignore_errors=True)
     demo_dir.mkdir(parents=True)
     url = _demo_database_url(settings)
-    broker = settings.broker_url
-    embedded_redis = None
-    if broker is None:
-        from shared.embedded import EmbeddedRedis
-
-        embedded_redis = EmbeddedRedis(demo_dir / "redis")  # lives while this process does
-        broker = embedded_redis.url
+    broker = settings.broker_url or local_instance.broker_url(settings.data_dir)
     env = {**os.environ, "OPENACCT_DATABASE_URL": url, "OPENACCT_BROKER_URL": broker,
            "OPENACCT_SPOOL_DIR": str(demo_dir / "spool"), "OPENACCT_RELAY_BATCH_SIZE": "200"}
     if settings.signing_key_file is None:  # the demo's own key signs and checks its messages
@@ -115,8 +136,9 @@ def run() -> None:
     from shared.migrate import upgrade
     from shared.models import LedgerTransaction, ParkedEvent, ProcessedEvent
 
-    console.print(f"[bold]1.[/] schema at revision {upgrade(db.engine())} in database {DEMO_DATABASE}; "
-                  f"broker {broker.split('://')[0]}")
+    where = "the configured server" if settings.database_url else "the local instance"
+    console.print(f"[bold]1.[/] schema at revision {upgrade(db.engine())} in database {make_url(url).database} on "
+                  f"{where}; broker {broker.split('://')[0]}")
     namespace = {name: getattr(sc, name) for name in sc.__all__}
     with db.session_scope():
         exec(compile(QUICKSTART.read_text(), str(QUICKSTART), "exec"), namespace)
@@ -162,8 +184,6 @@ def run() -> None:
             process.terminate()
         for process in processes:
             process.wait(30)
-        if embedded_redis is not None:
-            embedded_redis.close()
 
     with db.session_scope() as s:
         charged = s.scalar(select(func.count(func.distinct(LedgerTransaction.job_id)))
@@ -178,10 +198,24 @@ def run() -> None:
     console.print("[bold]5.[/] balances ([italic]openacct balance[/]):")
     cli(["balance"])
     status = cli(["ledger", "verify"])
-    console.print(f"demo finished in {time.monotonic() - started:.1f} s; try [italic]openacct deadletter list[/] "
-                  "or [italic]openacct job show 1001[/] with OPENACCT_DATABASE_URL set to the demo database")
+    console.print(f"demo finished in {time.monotonic() - started:.1f} s")
+    _say_what_next(settings, url)
     if status:
         raise SystemExit(status)
+
+
+def _say_what_next(settings: config.Settings, url: str) -> None:
+    """The line that reaches the demo's data from the next command."""
+    if settings.database_url:
+        shown = make_url(url).render_as_string(hide_password=True)
+        console.print(f"its center is in the database {DEMO_DATABASE}, beside yours; point the CLI at it with\n"
+                      f"  export OPENACCT_DATABASE_URL='{shown}'{'  (your password for ***)' if '***' in shown else ''}",
+                      soft_wrap=True)  # unbroken, to copy
+    else:
+        console.print("the local instance keeps running with the demo's center: [italic]openacct local status[/] "
+                      "shows it, [italic]openacct local stop[/] stops it", soft_wrap=True)
+    console.print("next: [bold]openacct balance phys[/]  (then openacct project show phys, openacct transactions "
+                  "--project phys, openacct deadletter list)", soft_wrap=True)
 
 
 def _progress() -> Progress:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from shared import signing
+from shared import logs, metrics, signing
 from shared.celery_app import ROUTES
 from shared.config import get_settings
 from shared.db import session_scope
@@ -85,20 +86,33 @@ def count_delivery(delivery_id: str) -> int:
 
 
 def run_batch(task: Any, message: Any, handler: Handler, source: str) -> dict[str, int]:
-    try:
-        items = signing.unseal(task.name, message)
-    except signing.Refused as exc:
-        # Parked for the record, and not marked applied: a batch changed on the way is shipped
-        # again as it was spooled.
-        log.error("message %s refused: %s", task.request.id, exc)
-        with session_scope() as session:
-            parked = park(session, [Parked(json.dumps(message, default=str).encode(), str(exc), kind=REFUSED,
-                                           source=source)])
-        return asdict(Outcome(parked=parked))
-    if not isinstance(items, list):
-        items = [items]
-    # Only a message signed as this very task says its events are applied: the relay lets go of them.
-    tracked = signing.carries(message, task.request.id)
+    """Apply one delivered batch, as the worker ``source``; counted here for every worker."""
+    started = time.monotonic()
+    with logs.context(worker=source, task_id=task.request.id):
+        try:
+            items = signing.unseal(task.name, message)
+        except signing.Refused as exc:
+            metrics.batches().delivered(source, 1)
+            outcome = refuse(task, message, exc, source)
+        else:
+            items = items if isinstance(items, list) else [items]
+            metrics.batches().delivered(source, len(items))
+            # Only a message signed as this very task says its events are applied: the relay lets go of them.
+            outcome = apply_delivery(task, items, handler, source, tracked=signing.carries(message, task.request.id))
+    metrics.batches().finished(source, outcome, time.monotonic() - started)
+    return asdict(outcome)
+
+
+def refuse(task: Any, message: Any, exc: signing.Refused, source: str) -> Outcome:
+    """Park a message refused for its signature, for the record, and do not mark it applied: a
+    batch changed on the way is shipped again as it was spooled."""
+    log.error("message %s refused: %s", task.request.id, exc)
+    with session_scope() as session:
+        return Outcome(parked=park(session, [Parked(json.dumps(message, default=str).encode(), str(exc),
+                                                    kind=REFUSED, source=source)]))
+
+
+def apply_delivery(task: Any, items: list[Any], handler: Handler, source: str, *, tracked: bool) -> Outcome:
     # A retry keeps the task id, as does a redelivery after a worker died: both count.
     deliveries = count_delivery(task.request.id)
     limit = get_settings().max_deliveries
@@ -111,7 +125,7 @@ def run_batch(task: Any, message: Any, handler: Handler, source: str) -> dict[st
             if tracked:
                 mark_applied(session, task.request.id)
         log.error("%s: %d events parked", reason, parked)
-        return asdict(Outcome(parked=parked))
+        return Outcome(parked=parked)
     try:
         with session_scope() as session:
             outcome = handler(session, items, source=source)
@@ -125,7 +139,7 @@ def run_batch(task: Any, message: Any, handler: Handler, source: str) -> dict[st
         if tracked:
             with session_scope() as session:
                 mark_applied(session, task.request.id)
-    return asdict(outcome)
+    return outcome
 
 
 def mark_applied(session: Session, delivery_id: str) -> None:

@@ -15,7 +15,14 @@ from typing import Any
 
 from celery import Celery
 from celery.schedules import crontab
-from celery.signals import worker_init, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    after_task_publish,
+    beat_init,
+    worker_init,
+    worker_process_init,
+)
 from kombu import Queue
 
 from shared import signing
@@ -28,20 +35,15 @@ ROUTES = {"job.started": "charger", "job.completed": "charger",
 TASKS = {"charger": "charger.process_batch", "refunder": "refunder.process_batch",
          "reporter": "reporter.process_batch"}
 
-_embedded_redis: Any = None
-
 
 def broker_url(settings: Settings) -> str:
-    """The configured broker, or an embedded Redis under the data directory shared by every
-    process that uses the same directory."""
-    global _embedded_redis
+    """The configured broker, or the local instance's Redis (started if need be, and left
+    running for the commands after this one: see shared/local_instance)."""
     if settings.broker_url:
         return settings.broker_url
-    if _embedded_redis is None:
-        from shared.embedded import EmbeddedRedis
+    from shared import local_instance
 
-        _embedded_redis = EmbeddedRedis(settings.data_dir / "redis")
-    return _embedded_redis.url
+    return local_instance.broker_url(settings.data_dir)
 
 
 def is_amqp(url: str) -> bool:
@@ -128,6 +130,17 @@ def get_app() -> Celery:
     return app
 
 
+def consumers(timeout: float = 2.0) -> dict[str, list[str]]:
+    """Each queue, with the workers that answer within ``timeout`` seconds that they consume it.
+    By queue, not by the worker's name: ``celery worker -Q charger`` under any name is a charger."""
+    replies = get_app().control.inspect(timeout=timeout).active_queues() or {}
+    found: dict[str, list[str]] = {}
+    for worker, queues in sorted(replies.items()):
+        for name in {q.get("name") for q in queues or []} - {None}:
+            found.setdefault(name, []).append(worker)
+    return found
+
+
 # What a worker answers from the broker when remote control is off: Flower's read-only questions
 # and mingle's greeting. Every command that stops, reconfigures or burdens a worker is dropped.
 READ_ONLY_COMMANDS = {"active", "active_queues", "clock", "heartbeat", "hello", "ping", "query_task",
@@ -155,3 +168,29 @@ def freeze_startup_objects(**_: Any) -> None:
     """What a process holds once started (modules, the app, the schema) lives as long as it:
     out of the collector's sight, it spares every batch a full collection over all of it."""
     gc.freeze()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def log_as_configured(logger: Any = None, **_: Any) -> None:
+    """Celery sets up the worker's and beat's handlers; ``log_format = "json"`` makes them write
+    JSON lines (the root logger's covers every line but the task logger's, which does not propagate)."""
+    if logger is not None and get_settings().log_format == "json":
+        from shared import logs
+
+        logs.as_json(logger)
+
+
+@beat_init.connect
+def count_scheduled_sends(**_: Any) -> None:
+    """In beat's process only: count what it sends, for ``openacct beat --metrics-port``."""
+    after_task_publish.connect(_sent_by_beat, weak=False)
+
+
+def _sent_by_beat(sender: str | None = None, **_: Any) -> None:
+    import time
+
+    from shared import metrics
+
+    metrics.beat().sent.labels(sender or "").inc()
+    metrics.beat().last_sent.set(time.time())

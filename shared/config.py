@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     timezone: str = Field(
         default="UTC", description="Zone for dates and times given without an offset."
     )
+    money_places: int = Field(
+        default=2, ge=0, le=6,
+        description="Decimal places amounts of money are shown with in tables, text and HTML (rounded half "
+        "to even, for display only: the ledger, --json and CSV keep the exact amount, to 6 places).",
+    )
     alert_thresholds: list[float] = Field(
         default=[0.5, 0.9, 1.0],
         description="Fractions of a project's allocations used at which its PI is told, once each.",
@@ -170,6 +175,16 @@ class Settings(BaseSettings):
     alert_from: str = Field(default="openacct@localhost", description="Sender of alert emails.")
     alert_webhook_url: str | None = Field(
         default=None, description="http(s) URL that receives each alert as a JSON POST; unset: none."
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="How workers, beat, the relay and admission log: text lines, or json (one object per "
+        "line with time, level, logger, message, and the event id, job id and task id where known).",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="Address the Prometheus metrics of --metrics-port listen on: this host only unless "
+        "set (0.0.0.0 for every interface, for a Prometheus elsewhere).",
     )
     debug: bool = False
 
@@ -217,8 +232,9 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, url: str | None) -> str | None:
-        if url is None or url == "":
+        if url is None:
             return None
+        _refuse_empty("OPENACCT_DATABASE_URL", url, "database", "postgresql://")
         if not url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
             raise ValueError("must be a PostgreSQL URL (postgresql://user@host:port/dbname)")
         return url
@@ -226,8 +242,9 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _known_broker(cls, url: str | None) -> str | None:
-        if url is None or url == "":
+        if url is None:
             return None
+        _refuse_empty("OPENACCT_BROKER_URL", url, "Redis", "redis:// or amqp://")
         if not url.startswith(("redis://", "rediss://", "redis+socket://", "amqp://", "amqps://")):
             raise ValueError("must be a redis://, redis+socket:// or amqp:// URL")
         return url
@@ -288,6 +305,14 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+def _refuse_empty(variable: str, url: str, embedded: str, schemes: str) -> None:
+    """An empty URL is a mistake (an unset variable in a unit or compose file, an export without
+    a value), not a wish for the embedded server: only leaving it unset asks for that."""
+    if not url.strip():
+        raise ValueError(f"{variable} is set but empty: unset it for the embedded {embedded}, "
+                         f"or give a {schemes} URL")
+
+
 def _no_secrets_for_everyone(path: Path) -> None:
     """A config file every user may read (the hooks' config is one) holds no password: each
     service takes its URLs from an environment file only root reads (deploy/env/)."""
@@ -298,7 +323,8 @@ def _no_secrets_for_everyone(path: Path) -> None:
     if not path.stat().st_mode & 0o004:
         return
     for name, value in tomllib.loads(path.read_text()).items():
-        if name.endswith("_url") and isinstance(value, str) and urlsplit(value).password:
+        if name.endswith("_url") and isinstance(value, str) and (
+                urlsplit(value).password or "password=" in urlsplit(value).query):
             raise ConfigError(f"config file {path} is readable by every user and {name} in it holds a password: "
                               "put that URL in the service's environment file (deploy/env/), or chmod o-r the file")
 
@@ -321,7 +347,7 @@ def get_settings() -> Settings:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from None

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
 
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import get_settings
@@ -29,9 +29,23 @@ def database_url() -> str:
     settings = get_settings()
     if settings.database_url:
         return settings.database_url
-    from shared.embedded import postgres_url
+    from shared import local_instance
 
-    return postgres_url(settings.data_dir)
+    return local_instance.database_url(settings.data_dir)
+
+
+def where(url: str) -> str:
+    """The database a URL names, as messages show it: host (or socket folder), port and name,
+    never the user or the password."""
+    parts = make_url(url)
+    host = parts.host or parts.query.get("host") or "localhost"
+    return f"{host}{f':{parts.port}' if parts.port else ''}/{parts.database or ''}"
+
+
+def schema_missing() -> str:
+    """What to say when the schema's tables or columns are not there: a database never
+    migrated, or last migrated by an older OpenAcct."""
+    return f"the database at {where(database_url())} has no OpenAcct schema (or an old one): run `openacct db upgrade`"
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,10 @@ again once an administrator has fixed the cause.
 from __future__ import annotations
 
 import base64
+import json
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
@@ -18,6 +21,8 @@ from shared.models import ParkedEvent
 
 # A payload bigger than any event is kept in part: its first bytes tell what it was.
 MAX_PAYLOAD_BYTES = MAX_EVENT_BYTES
+LOGGED_PER_BATCH = 10
+log = logging.getLogger("openacct.deadletter")
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,26 @@ def park(session: Session, items: list[Parked]) -> int:
                      "payload": p.raw, "source": p.source})
     if rows:
         session.execute(insert(ParkedEvent), rows)
+        _log_parked(rows)
     return len(rows)
+
+
+def _log_parked(rows: list[dict[str, Any]]) -> None:
+    """One line per parked event, with its event and job ids, up to a few per batch: a flood of
+    bad input must not flood the log too (``openacct deadletter list`` has them all)."""
+    for row in rows[:LOGGED_PER_BATCH]:
+        log.info("event parked: %s", row["reason"],
+                 extra={"event_id": row["event_id"], "job_id": _job_id(row["payload"])})
+    if len(rows) > LOGGED_PER_BATCH:
+        log.info("%d more events parked (openacct deadletter list)", len(rows) - LOGGED_PER_BATCH)
+
+
+def _job_id(payload: bytes) -> str | None:
+    try:
+        job_id = json.loads(payload).get("job_id")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return str(job_id) if isinstance(job_id, str | int) and not isinstance(job_id, bool) else None
 
 
 def _storable(p: Parked) -> Parked:

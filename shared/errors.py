@@ -31,3 +31,7 @@ class ConfigError(OpenAcctError):
 
 class AlreadyRefunded(InvalidInput):
     """A re-pricing of a charge that was refunded: its refunds were measured against its price."""
+
+
+class LocalInstanceError(OpenAcctError):
+    """The local instance's embedded PostgreSQL or Redis cannot be started or reached."""

@@ -918,6 +918,21 @@ def adjust(
 
 # --------------------------------------------------------------------------- reading
 
+# What an entry did to its account's available money (allocated - charged + refunded - held).
+AVAILABLE_EFFECT = case(
+    (LedgerEntry.bucket.in_(("allocated", "refunded")), LedgerEntry.amount),
+    else_=-LedgerEntry.amount,
+)
+# A transaction's amount with the sign every command and statement shows (shared.money): what it
+# did to the available money of its own account (a transfer's: the source's), money in positive,
+# money out negative. A column for a query of LedgerTransaction.
+SIGNED_AMOUNT = (
+    select(func.coalesce(func.sum(AVAILABLE_EFFECT), 0))
+    .where(LedgerEntry.transaction_id == LedgerTransaction.id, LedgerEntry.account_id == LedgerTransaction.account_id)
+    .correlate(LedgerTransaction)
+    .scalar_subquery()
+)
+
 
 @dataclass(frozen=True)
 class Balance:
@@ -932,9 +947,14 @@ class Balance:
     def available(self) -> Decimal:
         return self.allocated - self.charged + self.refunded - self.held
 
-    def as_dict(self) -> dict[str, str]:
+    def amounts(self) -> dict[str, Any]:
+        """Its name and amounts, exact Decimals (for tables, which show them as people read money)."""
         fields = ("allocated", "charged", "refunded", "held", "available", "credit_limit")
-        return {"name": self.name, **{f: money_str(getattr(self, f)) for f in fields}}
+        return {"name": self.name, **{f: getattr(self, f) for f in fields}}
+
+    def as_dict(self) -> dict[str, str]:
+        """Its name and amounts as exact decimal strings (for JSON)."""
+        return {k: v if k == "name" else money_str(v) for k, v in self.amounts().items()}
 
 
 def _balance(session: Session, name: str, account_ids: Iterable[int], at: dt.datetime | None, *, as_of: bool) -> Balance:

@@ -563,6 +563,17 @@ class UsageDaily(Base):
     refunded: Mapped[Decimal] = mapped_column(Money)
 
 
+class UsageRollup(Base):
+    """When each day was last rolled up into ``usage_daily``. A report reads a day from there once
+    it was rolled up after it ended and has left the days the reporter still rolls up again; it adds
+    up any other day (today's, one never rolled up since it ended) from the ledger as it runs."""
+
+    __tablename__ = "usage_rollups"
+
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    rolled_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
 class StatementIssued(Base):
     """A statement period whose statements went out: from then on they count only what was
     posted by ``cutoff``, so a sent statement never changes, and what is posted later for the

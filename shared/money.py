@@ -1,9 +1,25 @@
-"""Parsing and formatting of money, quantities and rates: Decimal in, Decimal out, never float."""
+"""Parsing and formatting of money, quantities and rates: Decimal in, Decimal out, never float.
+
+How amounts are shown, in every command, statement and report:
+
+- to people (tables, text, HTML pages, alert messages): ``display``, to the center's
+  ``money_places`` (default 2), rounded half to even, thousands grouped: ``-1,564.41``. Only the
+  display is rounded: the ledger, ``--json`` and CSV keep the exact amount (``money_str``).
+- signed as on a bank statement, wherever an amount is a movement of money (a transaction, a
+  statement line): what it did to the account's available money, money in positive (deposits,
+  refunds, releases, transfers in), money out negative (charges, holds, transfers out). A total
+  named for what it counts (``charged``, ``refunded``, ``allocated``, "charge #12: 6.00") is its
+  size, positive.
+- quantities and rates are measures, not money: shown exactly, every value of a column to the
+  same places (``measure``), so that a column lines up on the point.
+"""
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from collections.abc import Iterable
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
+from shared.config import get_settings
 from shared.errors import InvalidInput
 from shared.models import MONEY_SCALE, RATE_SCALE, Money, Rate
 
@@ -70,3 +86,26 @@ def money_str(value: Decimal) -> str:
     if cents == value:
         return f"{cents:f}"
     return f"{value.normalize():f}"
+
+
+def display(amount: Decimal) -> str:
+    """An amount of money as people read it: to ``money_places`` decimals, rounded half to even,
+    thousands grouped. 1564.40728 -> '1,564.41', -0.168 -> '-0.17', 5000 -> '5,000.00'."""
+    return grouped(amount, get_settings().money_places)
+
+
+def measure(value: Decimal, places: int | None = None) -> str:
+    """A quantity or a rate, exactly: to ``places`` decimals (at least those it needs; a column
+    passes ``exact_places`` of all its values), thousands grouped. 120 -> '120', 0.0617250 -> '0.061725'."""
+    return grouped(value, max(exact_places([value]), places or 0))
+
+
+def exact_places(values: Iterable[Decimal]) -> int:
+    """The fewest decimal places that show every one of ``values`` exactly."""
+    return max((max(0, -int(Decimal(v).normalize().as_tuple().exponent)) for v in values), default=0)
+
+
+def grouped(value: Decimal, places: int) -> str:
+    """``value`` to ``places`` decimals, rounded half to even, thousands grouped; never '-0.00'."""
+    rounded = Decimal(value).quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN)
+    return f"{rounded.copy_abs() if rounded == 0 else rounded:,f}"

@@ -29,7 +29,7 @@ from typing import Any
 
 from celery import Celery
 
-from shared import signing, spool
+from shared import metrics, signing, spool
 from shared.celery_app import ROUTES, TASKS
 
 log = logging.getLogger("openacct.relay")
@@ -164,6 +164,7 @@ class Relay:
         self._segment: _Segment | None = None  # the log segment being published
         self._segments_out: dict[str, _Segment] = {}  # published in full, not yet applied
         self._tasks: dict[str, _Task] = {}  # published, not yet applied
+        self.metrics = metrics.relay()
 
     @property
     def unapplied(self) -> int:
@@ -211,6 +212,7 @@ class Relay:
                     break
                 del self._tasks[task_id]
                 task.shipment.tasks.discard(task_id)
+                self.metrics.republished.inc(len(task.items))
         return len(self._tasks)
 
     def _ship_from_log(self) -> int:
@@ -297,6 +299,7 @@ class Relay:
             for task_id in sent:
                 self._tasks.pop(task_id, None)
             raise
+        self.metrics.shipped.inc(len(items))
         if self.applied is None or not sent:
             on_applied()
 
@@ -366,6 +369,10 @@ class Relay:
                 spool.rotate(self.spool_dir, at_least=SEGMENT_BYTES)
             except OSError as exc:
                 log.error("cannot rotate the spool's log: %s", exc)
+            # Before publishing: the backlog matters most while the broker is away.
+            if time.monotonic() - last_report >= REPORT_EVERY:
+                self.write_status()
+                last_report = time.monotonic()
             try:
                 out = self.confirm()
             except Exception as exc:  # the database away: nothing is let go meanwhile
@@ -383,10 +390,6 @@ class Relay:
                     log.warning("cannot publish (%s: %s); retrying in %.1f s", type(exc).__name__, exc, backoff)
                     stop.wait(backoff)
                     continue
-            now = time.monotonic()
-            if now - last_report >= REPORT_EVERY:
-                self.write_status()
-                last_report = now
             if shipped < self.batch_size:
                 self.settle()
                 stop.wait(IDLE_POLL)
@@ -395,6 +398,9 @@ class Relay:
     def write_status(self) -> None:
         """Backlog for health checks and ``openacct relay --status``: one small JSON file."""
         b = self.backlog()
+        self.metrics.backlog.set(b.count)
+        self.metrics.oldest.set(b.oldest_seconds)
+        self.metrics.unapplied.set(len(self._tasks))
         status = {"pid": os.getpid(), "at": time.time(), "backlog": b.count,
                   "oldest_seconds": round(b.oldest_seconds, 3), "shipped": self.shipped,
                   "unapplied_tasks": len(self._tasks)}

@@ -34,14 +34,16 @@ CENTER = ("systems", "services", "service_rates", "users", "projects", "project_
           "membership_events", "accounts", "service_grants", "allocations", "aliases",
           "resource_services", "charge_multipliers")
 RECORDS = ("account_balances", "jobs", "processed_events", "parked_events", "task_deliveries", "alerts_sent",
-           "usage_daily", "open_holds", "statements_issued", "ledger_misshapen")
+           "usage_daily", "usage_rollups", "open_holds", "statements_issued", "ledger_misshapen",
+           "alembic_version")  # read by `openacct health`: is the schema at head?
 WORKER: list[tuple[str, tuple[str, ...]]] = [
     ("SELECT", CENTER + LEDGER + RECORDS),
     ("INSERT", LEDGER + ("jobs", "processed_events", "parked_events", "task_deliveries", "alerts_sent",
                          "statements_issued")),
     ("UPDATE", ("jobs", "task_deliveries", "alerts_sent")),
-    # the usage rollup replaces a day's rows whole
+    # the usage rollup replaces a day's rows whole, and notes when it did
     ("INSERT, DELETE", ("usage_daily",)),
+    ("INSERT, UPDATE", ("usage_rollups",)),
     # holds still open, kept by the ledger beside the journal
     ("INSERT, UPDATE, DELETE", ("open_holds",)),
 ]
@@ -59,6 +61,7 @@ ROLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("INSERT", LEDGER + ("statements_issued",)),
         # reports run by hand: the usage rollup, holds expired
         ("INSERT, DELETE", ("usage_daily",)),
+        ("INSERT, UPDATE", ("usage_rollups",)),
         ("INSERT, UPDATE, DELETE", ("open_holds",)),
     ],
 }

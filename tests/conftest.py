@@ -3,13 +3,17 @@ rolled back at its end (``db``), or, where a test needs real commits seen by oth
 a database emptied after it (``committed``).
 
 With ``OPENACCT_DATABASE_URL`` set, the run creates (and drops) a fresh database on that server;
-without it, an embedded PostgreSQL is started in a temporary directory.
+without it, an embedded PostgreSQL is started in a temporary directory. No server outlives the
+run: see ``no_server_outlives_the_run``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,21 +24,52 @@ import psycopg
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, make_url, text
 
-from shared import config, db
-from shared.embedded import ensure_database
+from shared import config, db, local_instance
+from shared.databases import ensure_database
 from shared.migrate import upgrade
 from shared.models import Base
 
 QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart.py"
+# The run never touches the caller's data directory (their local instance): importing a worker's
+# tasks module while the tests are collected configures Celery, which starts the local Redis
+# wherever no broker is set. Everything of the run's own goes here, and is stopped and removed.
+RUN_DATA = Path(tempfile.mkdtemp(prefix="openacct-tests-"))
+os.environ["OPENACCT_DATA_DIR"] = str(RUN_DATA)
 
 
 def _server_url(tmp_root: Path) -> str:
     given = os.environ.get("OPENACCT_DATABASE_URL")
     if given:
         return given
-    from shared.embedded import postgres_url
+    return local_instance.database_url(tmp_root, "postgres")
 
-    return postgres_url(tmp_root, "postgres")
+
+@pytest.fixture(scope="session", autouse=True)
+def no_server_outlives_the_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Embedded servers stay up after the command that started them (shared/local_instance): the
+    run stops those it started, every one under its temporary directories (the database above,
+    any a command under test started in a data directory of its own, and what collecting the
+    tests started under RUN_DATA), their files deleted. Set up first, this is torn down last,
+    after the database is dropped; a SIGTERM (a CI timeout) ends the run as Ctrl-C does, through
+    the teardown."""
+    previous = signal.signal(signal.SIGTERM, _interrupt_the_run(os.getpid()))
+    yield
+    signal.signal(signal.SIGTERM, previous)
+    for root in (tmp_path_factory.getbasetemp(), RUN_DATA):
+        for state in root.rglob(local_instance.STATE_FILE):
+            local_instance.stop(state.parent, delete_data=True)
+    shutil.rmtree(RUN_DATA, ignore_errors=True)
+
+
+def _interrupt_the_run(pytest_pid: int) -> Callable[[int, Any], None]:
+    def interrupt(signum: int, frame: Any) -> None:
+        if os.getpid() != pytest_pid:  # a test's forked child: ends as SIGTERM ends it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    return interrupt
 
 
 @pytest.fixture(scope="session")

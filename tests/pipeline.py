@@ -48,16 +48,18 @@ class RedisServer:
 
 
 class Process:
-    """An ``openacct`` (or other) subprocess in its own process group, logging to a file."""
+    """An ``openacct`` (or other) subprocess in its own process group, logging to a file (its
+    stderr to a file of its own if ``stderr`` is given)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path, program: str = OPENACCT) -> None:
-        self.args, self.env, self.log, self.program = args, env, log, program
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, program: str = OPENACCT,
+                 stderr: Path | None = None) -> None:
+        self.args, self.env, self.log, self.program, self.stderr = args, env, log, program, stderr
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
-        with open(self.log, "ab") as out:
+        with open(self.log, "ab") as out, open(self.stderr or os.devnull, "ab") as err:
             self.popen = subprocess.Popen([self.program, *self.args], env=self.env, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+                                          stderr=err if self.stderr else subprocess.STDOUT, start_new_session=True)
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

@@ -1,15 +1,16 @@
 """The admin CLI, in process: ``openacct.cli.run([...])`` against the quick-start center.
 
 Every test runs inside the rolled-back transaction of ``db_connection`` (through ``quickstart``).
-Happy paths assert exact ``--json`` output; every mistake must end in exit 1 and one ``error:``
-line naming the offending value (domain errors) or exit 2 and click's ``Error:`` (usage errors),
-never a traceback, and must write nothing.
+Happy paths assert exact ``--json`` output; every mistake must end in one ``error:`` line naming
+the offending value, exit 1 (domain errors) or exit 2 with the command's ``--help`` to read (usage
+errors), never a traceback, and must write nothing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, Engine, func, select, text
 
 from shared.models import Base
 from tests.conftest import Cli, Result
@@ -108,10 +109,10 @@ def test_service_rate_set_from_a_date_shows_history_and_prices_charges(ok: Cli) 
     ok("deposit", "phys", "1000", "--start", "2026-01-01")
     before = ok("charge", "phys", "--service", CORE, "--quantity", "100", "--at", "2026-05-31T23:00").out
     after = ok("charge", "phys", "--service", CORE, "--quantity", "100", "--at", "2026-06-01").out
-    assert "5.00 (100.00 x 0.05)" in before
-    assert "10.00 (100.00 x 0.10)" in after
+    assert "5.00 (100 x 0.05)" in before
+    assert "10.00 (100 x 0.1)" in after
     charges = ok("transactions", "--kind", "charge", "--json").json()
-    assert [(c["amount"], c["rate"]) for c in charges] == [("10.00", "0.10"), ("5.00", "0.05")]
+    assert [(c["amount"], c["rate"]) for c in charges] == [("-10.00", "0.10"), ("-5.00", "0.05")]
 
 
 # --------------------------------------------------------------------------- users, projects, members
@@ -212,11 +213,11 @@ def test_account_add_and_list(ok: Cli) -> None:
 
 
 def test_deposit_charges_and_balance_add_up_exactly(ok: Cli) -> None:
-    assert ok("deposit", "phys", "1000").out.endswith(": 1000.00 into phys\n")
+    assert ok("deposit", "phys", "1000").out.endswith(": 1,000.00 into phys\n")
     assert ok("charge", "phys", "--service", CORE, "--quantity", "100", "--user", "bob").out.endswith(
-        ": 5.00 (100.00 x 0.05) to phys\n")
+        ": 5.00 (100 x 0.05) to phys\n")
     assert ok("charge", "phys", "--service", CORE, "--quantity", "37.5", "--user", "tux").out.endswith(
-        ": 1.875 (37.50 x 0.05) to phys\n")
+        ": 1.88 (37.5 x 0.05) to phys\n")  # 1.875 shown to the cent; the ledger keeps 1.875
     phys = ok("balance", "phys", "--json").json()
     assert phys == {"name": "phys", "allocated": "1000.00", "charged": "6.875", "refunded": "0.00",
                     "held": "0.00", "available": "993.125", "credit_limit": "0.00"}
@@ -225,8 +226,9 @@ def test_deposit_charges_and_balance_add_up_exactly(ok: Cli) -> None:
     assert [b["name"] for b in everyone] == ["chem", "phys"]
     assert everyone[1] == phys
     assert everyone[0]["available"] == "0.00"
-    assert "993.125" in ok("balance", "phys").out
-    assert "993.125" in ok("balance").out
+    # A table shows money to the cent, rounded half to even; --json above is exact.
+    assert "993.12" in ok("balance", "phys").out and "993.125" not in ok("balance", "phys").out
+    assert "993.12" in ok("balance").out
 
 
 def test_deposit_options_start_end_credit_limit_key(ok: Cli) -> None:
@@ -268,7 +270,7 @@ def test_transfer_moves_available_money_and_keeps_its_expiry(ok: Cli) -> None:
     # The moved money ends when the allocation it came from ends.
     assert ok("balance", "chem", "--at", "2999-06-01", "--json").json()["allocated"] == "0.00"
     (txn,) = ok("transactions", "--kind", "transfer", "--json").json()
-    assert (txn["account"], txn["to_account"], txn["amount"]) == ("phys", "chem", "250.00")
+    assert (txn["account"], txn["to_account"], txn["amount"]) == ("phys", "chem", "-250.00")  # out of phys
 
 
 def test_a_project_name_is_accepted_wherever_an_account_is(ok: Cli) -> None:
@@ -336,15 +338,29 @@ def test_transactions_filters(activity: Cli) -> None:
     assert got == {" ".join(filters): expected for filters, expected in TRANSACTION_FILTERS}
 
 
+def test_transactions_come_a_page_at_a_time(activity: Cli, cli: Cli) -> None:
+    pages = [keys(activity("transactions", "--limit", "4", "--page", str(n), "--json")) for n in (1, 2, 3)]
+    assert pages == [["t1", "c3", "c2", "c1"], ["d-chem", "d-phys"], []]
+    # A table cut short says so on stderr, and how to see the rest; --json stays a bare list.
+    first = cli("transactions", "--limit", "2")
+    assert (first.code, first.err) == (0, "showing 1–2 of 6: --page 2 for more\n")
+    assert "transfer" in first.out and "deposit" not in first.out
+    assert cli("transactions", "--limit", "2", "--page", "2").err == "showing 3–4 of 6: --page 3 for more\n"
+    assert cli("transactions", "--limit", "2", "--page", "3").err == ""  # the last page
+    assert cli("transactions", "--limit", "2", "--page", "9").err == (
+        "page 9 is past the end: 6 transactions, --page 3 is the last\n")
+    assert activity("transactions", "--limit", "2", "--json").err == ""
+
+
 def test_transactions_json_and_table(activity: Cli) -> None:
     (c2,) = activity("transactions", "--service", "gpu-hours", "--json").json()
     assert {k: c2[k] for k in ("kind", "account", "to_account", "amount", "service", "quantity",
                                "rate", "user", "key")} == {
-        "kind": "charge", "account": "phys", "to_account": None, "amount": "6.00",
+        "kind": "charge", "account": "phys", "to_account": None, "amount": "-6.00",
         "service": "gpu-hours", "quantity": "3.00", "rate": "2.00", "user": "tux", "key": "c2"}
     assert when(c2["effective_at"]) == dt.datetime(2026, 4, 1, tzinfo=UTC)
     table = activity("transactions", "--user", "tux").out
-    assert "gpu-hours" in table and "6.00" in table and "2026-04-01" in table
+    assert "gpu-hours" in table and "-6.00" in table and "2026-04-01" in table
 
 
 def test_balances_after_activity(activity: Cli) -> None:
@@ -377,9 +393,94 @@ def test_ledger_verify(activity: Cli, cli: Cli, db_connection: Connection) -> No
 
 def test_help_and_no_arguments(cli: Cli) -> None:
     helped = cli("--help")
-    assert helped.code == 0 and "Usage" in helped.out
+    assert helped.code == 0 and "Usage" in helped.out and "--version" in helped.out
     bare = cli()
     assert bare.code == 2 and "Usage" in bare.out + bare.err
+
+
+def test_version(cli: Cli) -> None:
+    from importlib.metadata import version
+
+    assert cli("--version") == Result(0, f"openacct {version('openacct')}\n", "")
+
+
+# --------------------------------------------------------------------------- money as people read it
+
+
+def cells(table: str, header: str, which: int = 0) -> list[str]:
+    """The cells of the column named ``header`` of the ``which``-th table printed, as printed
+    (padding included), top to bottom."""
+    tables = table.split("┏")[1:]
+    lines = tables[which].splitlines()
+    names = [h.strip() for h in next(line for line in lines if "┃" in line).split("┃")]
+    at = names.index(header)
+    return [line.split("│")[at] for line in lines if line.startswith("│")]
+
+
+def shown(column: list[str]) -> list[str]:
+    """A column's values, and that it is right-aligned: every value ends where the column does."""
+    assert len({len(cell.rstrip()) for cell in column if cell.strip()}) == 1, f"not right-aligned: {column}"
+    return [cell.strip() for cell in column]
+
+
+@pytest.fixture
+def odd_amounts(ok: Cli) -> Cli:
+    """Amounts of every length: 5000, 1564.40728 and 0.168 (31288.1456 and 3.36 core-hours at 0.05)."""
+    ok("deposit", "phys", "5000", "--start", "2026-01-01")
+    ok("charge", "phys", "--service", CORE, "--quantity", "31288.1456", "--user", "tux", "--at", "2026-10-05")
+    ok("charge", "phys", "--service", CORE, "--quantity", "3.36", "--user", "bob", "--at", "2026-10-06")
+    return ok
+
+
+def test_a_money_column_has_one_number_of_decimals_and_lines_up(odd_amounts: Cli) -> None:
+    table = odd_amounts("transactions").out
+    # Newest first; charges are money out of the account: negative, as on a bank statement.
+    assert shown(cells(table, "amount")) == ["-0.17", "-1,564.41", "5,000.00"]
+    assert shown(cells(table, "quantity")) == ["3.3600", "31,288.1456", ""]  # measures exact, to one place
+    balance = odd_amounts("balance", "phys").out
+    assert [shown(cells(balance, c)) for c in ("allocated", "charged", "available")] == [
+        ["5,000.00"], ["1,564.58"], ["3,435.42"]]
+    statement = odd_amounts("statement", "phys", "--period", "2026-10").out
+    assert shown(cells(statement, "amount", 0)) == ["5,000.00", "0.00", "-1,564.58", "0.00", "3,435.42"]
+    assert shown(cells(statement, "amount", 1)) == ["-1,564.41", "-0.17"]
+
+
+def test_json_keeps_the_exact_amounts(odd_amounts: Cli) -> None:
+    assert [t["amount"] for t in odd_amounts("transactions", "--json").json()] == ["-0.168", "-1564.40728", "5000.00"]
+    assert odd_amounts("balance", "phys", "--json").json() == {
+        "name": "phys", "allocated": "5000.00", "charged": "1564.57528", "refunded": "0.00", "held": "0.00",
+        "available": "3435.42472", "credit_limit": "0.00"}
+    (st,) = odd_amounts("statement", "phys", "--period", "2026-10", "--format", "json").json()
+    assert (st["charges"], st["closing"]) == ("-1564.57528", "3435.42472")
+    assert [line["amount"] for line in st["lines"]] == ["-1564.40728", "-0.168"]
+    assert [line["quantity"] for line in st["lines"]] == ["31288.1456", "3.36"]
+    csv_lines = odd_amounts("statement", "phys", "--period", "2026-10", "--format", "csv").out.splitlines()
+    assert [row.split(",")[-2] for row in csv_lines[2:4]] == ["-1564.40728", "-0.168"]  # amount, then late
+
+
+def test_a_charge_has_one_sign_in_transactions_and_statement(odd_amounts: Cli) -> None:
+    (charge,) = odd_amounts("transactions", "--kind", "charge", "--since", "2026-10-06", "--json").json()
+    (st,) = odd_amounts("statement", "phys", "--period", "2026-10", "--format", "json").json()
+    (line,) = [x for x in st["lines"] if x["transaction_id"] == charge["id"]]
+    assert charge["amount"] == line["amount"] == "-0.168"
+    listed = shown(cells(odd_amounts("transactions", "--kind", "charge").out, "amount"))
+    stated = shown(cells(odd_amounts("statement", "phys", "--period", "2026-10").out, "amount", 1))
+    assert listed == stated[::-1] == ["-0.17", "-1,564.41"]  # newest first in one, in order in the other
+    deposit = odd_amounts("transactions", "--kind", "deposit").out
+    assert shown(cells(deposit, "amount")) == ["5,000.00"]  # money in: positive
+
+
+def test_the_center_sets_how_many_places_money_is_shown_to(odd_amounts: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.config import get_settings
+
+    monkeypatch.setenv("OPENACCT_MONEY_PLACES", "3")
+    get_settings.cache_clear()
+    try:
+        assert shown(cells(odd_amounts("transactions").out, "amount")) == ["-0.168", "-1,564.407", "5,000.000"]
+        assert odd_amounts("transactions", "--json").json()[1]["amount"] == "-1564.40728"  # still exact
+    finally:
+        monkeypatch.delenv("OPENACCT_MONEY_PLACES")
+        get_settings.cache_clear()
 
 
 # --------------------------------------------------------------------------- mistakes
@@ -451,6 +552,7 @@ DOMAIN_ERRORS: dict[str, list[Case]] = {
         case("service", "rate", CORE, "NaN", "--from", "2026-01-01", names=["'NaN'"]),
         case("service", "rate", CORE, "1e1000000", "--from", "2026-01-01", names=["'1e1000000'"]),
         case("service", "rate", "--from", "2026-01-01", CORE, "--", "-0.1", names=["'-0.1'", "negative"]),
+        case("service", "rate", CORE, "-0.1", "--from", "2026-01-01", names=["'-0.1'", "negative"]),
         case("service", "rate", CORE, "0.1", "--from", "yesterday", names=["'yesterday'"]),
         case("service", "rate", CORE, "0.1", "--from", "2026-13-01", names=["'2026-13-01'"]),
         case("service", "rate", CORE, "0.2", "--from", "1970-01-01", names=["already has a rate from 1970-01-01"]),
@@ -503,6 +605,9 @@ DOMAIN_ERRORS: dict[str, list[Case]] = {
         *(case("deposit", "phys", amount, names=["amount", message]) for amount, message in BAD_AMOUNTS),
         case("deposit", "phys", "0", names=["'0'", "greater than zero"]),
         case("deposit", "phys", "--", "-5", names=["'-5'", "negative"]),
+        case("deposit", "phys", "-100", names=["amount must not be negative, got '-100'"]),
+        case("deposit", "phys", "-0.5", "--start", "2026-01-01", names=["'-0.5'", "negative"]),
+        case("deposit", "phys", "-1e3", names=["'-1e3'", "negative"]),
         case("deposit", "phys", "100", "--credit-limit", "abc", names=["credit limit 'abc'"]),
         case("deposit", "phys", "100", "--credit-limit", "-5", names=["credit limit", "'-5'"]),
         case("deposit", "phys", "100", "--credit-limit=1e400", names=["credit limit '1e400'"]),
@@ -551,6 +656,7 @@ DOMAIN_ERRORS: dict[str, list[Case]] = {
           for amount, message in BAD_AMOUNTS),
         case("transfer", "phys", "chem", "0", names=["'0'", "greater than zero"]),
         case("transfer", "phys", "chem", "--", "-5", names=["'-5'", "negative"]),
+        case("transfer", "phys", "chem", "-5", names=["transfer amount must not be negative, got '-5'"]),
         case("transfer", "phys", "chem", "1", "--key", "dep-1", names=["'dep-1'"]),
     ],
     "balance and transactions": [
@@ -564,6 +670,12 @@ DOMAIN_ERRORS: dict[str, list[Case]] = {
         case("transactions", "--kind", "bogus", names=["unknown kind 'bogus'"]),
         case("transactions", "--since", "yesterday", names=["since 'yesterday'"]),
         case("transactions", "--until", "2026-13-01", names=["until '2026-13-01'"]),
+    ],
+    "statement": [
+        case("statement", "--from", "2026-01-01",
+             names=["--to (the end of the period) is missing: give --from and --to, or --period MONTH"]),
+        case("statement", "phys", "--to", "2026-02-01", names=["--from (the start of the period) is missing"]),
+        case("statement", "--period", "2026-01", "--from", "2026-01-01", names=["--period MONTH, or --from and --to"]),
     ],
 }
 
@@ -628,13 +740,14 @@ USAGE_ERRORS: dict[str, list[Case]] = {
     ],
     "money": [
         case("deposit", "phys", names=["Missing argument 'amount'"]),
-        case("deposit", "phys", "-5", names=["No such option: -5"]),  # a negative number needs "--" before it
+        case("deposit", "phys", "100", "--bogus", names=["--bogus"]),
         case("charge", "phys", "--quantity", "1", names=["--service"]),
         case("charge", "phys", *SVC, names=["--quantity"]),
         case("transfer", "phys", "chem", names=["Missing argument 'amount'"]),
-        case("transfer", "phys", "chem", "-5", names=["No such option: -5"]),
+        case("transfer", "phys", "chem", "1", "extra", names=["extra"]),
         case("balance", "phys", "chem", names=["chem"]),
         case("transactions", "--limit", "0", names=["--limit"]),
+        case("transactions", "--page", "0", names=["--page"]),
         case("transactions", "--limit", "abc", names=["--limit", "integer"]),
         case("transactions", "--kind", names=["--kind"]),
         case("ledger", "verify", "extra", names=["extra"]),
@@ -648,14 +761,23 @@ def usage_error(result: Result) -> str | None:
         return f"exit {result.code}, not 2"
     if result.out:
         return "printed to stdout"
-    if "Error:" not in result.err:
-        return "no 'Error:' on stderr"
+    lines = result.err.splitlines()
+    if len(lines) != 1 or not re.fullmatch(r"error: .+ \(openacct( [a-z-]+)* --help\)", lines[0]):
+        return "stderr is not one 'error: … (openacct COMMAND --help)' line"
     return None
 
 
 @pytest.mark.parametrize("family", USAGE_ERRORS)
-def test_usage_errors_exit_2_with_click_error(cli: Cli, db_connection: Connection, family: str) -> None:
+def test_usage_errors_are_one_line_pointing_to_the_help_and_exit_2(cli: Cli, db_connection: Connection,
+                                                                   family: str) -> None:
     check_each(cli, db_connection, USAGE_ERRORS[family], usage_error)
+
+
+def test_a_usage_error_names_the_command_whose_help_to_read(cli: Cli) -> None:
+    result = cli("service", "add", "gpu", "--system", "cluster", "--rate", "1")
+    assert (result.code, result.out) == (2, "")
+    assert result.err == "error: Missing option '--units' (openacct service add --help)\n"
+    assert cli("frobnicate").err == "error: No such command 'frobnicate' (openacct --help)\n"
 
 
 def test_a_charge_too_large_for_the_ledger_is_refused(ok: Cli, cli: Cli, db_connection: Connection) -> None:
@@ -681,8 +803,8 @@ def openacct_process(tmp_path: Path, config: str = "", **env: str) -> subprocess
     config_file = tmp_path / "openacct.toml"
     config_file.write_text(config)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENACCT_")}
-    clean.update(OPENACCT_CONFIG=str(config_file), OPENACCT_DATA_DIR=str(tmp_path / "data"),
-                 OPENACCT_DATABASE_URL=UNREACHABLE, **env)
+    clean.update({"OPENACCT_CONFIG": str(config_file), "OPENACCT_DATA_DIR": str(tmp_path / "data"),
+                  "OPENACCT_DATABASE_URL": UNREACHABLE, **env})
     return subprocess.run([sys.executable, "-m", "openacct", "system", "list"], env=clean, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
@@ -711,13 +833,34 @@ def test_a_bad_configuration_is_one_clear_line(tmp_path: Path, config: str, env:
         assert name in line
 
 
-def test_a_config_everyone_reads_holds_no_password(tmp_path: Path) -> None:
-    secret = 'broker_url = "redis://charger:s3cret@broker.example.org:6379/0"\n'
+@pytest.mark.parametrize("secret", ['broker_url = "redis://charger:s3cret@broker.example.org:6379/0"\n',
+                                    'database_url = "postgresql://charger@db/openacct?password=s3cret"\n'],
+                         ids=["in-the-url", "in-the-query"])
+def test_a_config_everyone_reads_holds_no_password(tmp_path: Path, secret: str) -> None:
     config = tmp_path / "openacct.toml"
     config.write_text(secret)
     config.chmod(0o644)
     line = assert_one_error_line(openacct_process(tmp_path, secret))
-    assert "readable by every user and broker_url in it holds a password" in line and "s3cret" not in line
+    assert "readable by every user and" in line and "in it holds a password" in line and "s3cret" not in line
     config.chmod(0o640)  # the site's choice: only the services' group reads it
     line = assert_one_error_line(openacct_process(tmp_path, secret))
     assert "holds a password" not in line and "database" in line  # on to the next thing: no database
+
+
+@pytest.mark.parametrize(("variable", "message"), [
+    ("OPENACCT_DATABASE_URL", "OPENACCT_DATABASE_URL is set but empty: unset it for the embedded database, "
+                              "or give a postgresql:// URL"),
+    ("OPENACCT_BROKER_URL", "OPENACCT_BROKER_URL is set but empty: unset it for the embedded Redis, "
+                            "or give a redis:// or amqp:// URL"),
+])
+def test_a_url_set_but_empty_is_a_mistake_not_the_embedded_server(tmp_path: Path, variable: str, message: str) -> None:
+    line = assert_one_error_line(openacct_process(tmp_path, **{variable: ""}))
+    assert line.endswith(message)
+    assert not (tmp_path / "data" / "postgres").exists()  # no embedded server was started
+
+
+def test_a_database_without_the_schema_says_to_upgrade_it(tmp_path: Path, scratch_engine: Engine) -> None:
+    url = scratch_engine.url
+    line = assert_one_error_line(openacct_process(tmp_path, OPENACCT_DATABASE_URL=url.render_as_string(hide_password=False)))
+    assert line == (f"error: the database at {url.host}:{url.port}/{url.database} has no OpenAcct schema "
+                    "(or an old one): run `openacct db upgrade`")

@@ -153,7 +153,7 @@ def test_job_show_and_transactions_explain_a_charge(cli) -> None:  # type: ignor
         "COMPLETED", "charged for elapsed time", 8, "tux", "phys")
     (txn,) = job["transactions"]
     assert (txn["kind"], txn["service"], txn["quantity"], txn["rate"], txn["amount"]) == (
-        "charge", "cluster-core-hours", "12.00", "0.05", "1.20")  # 8 CPUs x 1.5 h x 0.05 x 2
+        "charge", "cluster-core-hours", "12.00", "0.05", "-1.20")  # 8 CPUs x 1.5 h x 0.05 x 2, money out
     details = txn["details"]
     assert (details["policy"], details["elapsed_seconds"], details["count"], details["resource"]) == (
         "charged for elapsed time", 5400, 8, "cpu")
@@ -161,7 +161,7 @@ def test_job_show_and_transactions_explain_a_charge(cli) -> None:  # type: ignor
 
     (listed,) = cli("transactions", "--job", "701", "--json").json()
     assert (listed["id"], listed["job"], listed["quantity"], listed["rate"], listed["amount"]) == (
-        txn["id"], "701", "12.00", "0.05", "1.20")
+        txn["id"], "701", "12.00", "0.05", "-1.20")
     assert listed["details"] == details
 
     free = cli("job", "show", "702", "--json").json()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from shared import hostlist, ledger
 from shared.db import session_scope
 from shared.errors import InvalidInput
 from shared.models import LedgerTransaction, ParkedEvent
+from tests.conftest import Cli, Result
 from tests.events import job_completed, raw
 from tests.pipeline import Process, wait_for
 
@@ -175,6 +178,102 @@ def test_slurm_host_lists_expand(text: str, hosts: list[str]) -> None:
 def test_bad_host_lists_are_refused(text: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         hostlist.expand(text)
+
+
+# --------------------------------------------------------------------------- the commands refuse early
+
+
+@pytest.fixture
+def refund_cli(funded: None, cli: Cli, redis: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
+    """``openacct`` in-process on the funded center, its broker a real Redis with no worker:
+    job 1 charged (4 core-hours, 0.20), job 2 not charged (NODE_FAIL)."""
+    from shared import config
+    from shared.celery_app import get_app
+
+    with session_scope() as s:
+        charge_events(s, [raw(job_completed(1)).decode(), raw(job_completed(2, state="NODE_FAIL")).decode()])
+    monkeypatch.setenv("OPENACCT_BROKER_URL", redis.url)
+    monkeypatch.setenv("OPENACCT_DEFAULT_SYSTEM", "cluster")
+    config.get_settings.cache_clear()
+    get_app.cache_clear()
+    yield cli
+    monkeypatch.undo()
+    config.get_settings.cache_clear()
+    get_app.cache_clear()
+
+
+def queued(redis: Any) -> int:
+    """Messages waiting in the broker's refunder queue (kombu keeps one list per priority)."""
+    import redis as redis_client
+
+    broker = redis_client.Redis(unix_socket_path=str(redis.socket))
+    try:
+        return sum(broker.llen(key) for key in broker.keys("refunder*") if broker.type(key) == b"list")
+    finally:
+        broker.close()
+
+
+def one_error_line(result: Result) -> str:
+    assert (result.code, result.out) == (1, ""), result
+    (line,) = result.err.splitlines()
+    assert line.startswith("error: "), line
+    return line
+
+
+WHY = ["--reason", "node c01 lost its memory"]
+
+
+@pytest.mark.parametrize(("argv", "reason"), [
+    (["refund", "404", *WHY], "no job 404 on cluster"),
+    (["refund", "1", "--system", "nowhere", *WHY], "unknown system 'nowhere'"),
+    (["refund", "txn:999999", *WHY], "no transaction #999999"),
+    (["refund", "the deposit", *WHY], "is a deposit, not a charge: only charges are refunded"),
+    (["refund", "2", *WHY], "job 2 on cluster was not charged: nothing to refund"),
+    (["refund", "1", "--amount", "0.25", *WHY], "refund of 0.25 refused: job 1 has 0.20 left to refund"),
+    (["refund", "1", "--amount", "0.25", "--wait", *WHY], "refund of 0.25 refused: job 1 has 0.20 left to refund"),
+    (["incident", "c01", "--system", "nowhere", "--from", "2000-01-01", "--to", "2000-01-02", *WHY],
+     "no system or alias named 'nowhere'"),
+    (["rerate", "--service", "nope", "--from", "2000-01-01", "--to", "2000-01-02"], "no service named 'nope'"),
+    (["rerate", "--service", "cluster-core-hours", "--project", "nope", "--from", "2000-01-01", "--to", "2000-01-02"],
+     "no project named 'nope'"),
+])
+def test_a_refund_of_nothing_refundable_is_refused_before_anything_is_sent(
+        refund_cli: Cli, redis: Any, argv: list[str], reason: str) -> None:
+    if argv[1] == "the deposit":
+        argv = ["refund", f"txn:{transactions('deposit')[0].id}", *WHY]
+    line = one_error_line(refund_cli(*argv))
+    assert reason in line
+    assert queued(redis) == 0
+    assert transactions("refund") == []
+
+
+def test_a_job_refunded_in_full_is_refused_before_anything_is_sent(refund_cli: Cli, redis: Any) -> None:
+    refund(refund_request("all", job_id="1"))
+    line = one_error_line(refund_cli("refund", "1", "--reason", "again"))
+    assert line == "error: job 1 has nothing left to refund: its charges were refunded in full"
+    assert queued(redis) == 0
+
+
+def test_a_request_applied_before_is_not_sent_again(refund_cli: Cli, redis: Any) -> None:
+    refund(refund_request("r1", job_id="1"))
+    result = refund_cli("refund", "1", *WHY, "--request-id", "r1")
+    assert (result.code, result.out, result.err) == (0, "refund request refund:r1 was applied before: nothing sent\n", "")
+    assert queued(redis) == 0
+
+
+def test_a_refund_that_can_be_applied_is_sent(refund_cli: Cli, redis: Any) -> None:
+    result = refund_cli("refund", "1", *WHY, "--request-id", "r2")
+    assert (result.code, result.out, result.err) == (0, "refund request refund:r2 sent to the refunder\n", "")
+    assert queued(redis) == 1
+
+
+def test_wait_with_no_refunder_running_fails_fast_and_sends_nothing(refund_cli: Cli, redis: Any) -> None:
+    started = time.monotonic()
+    line = one_error_line(refund_cli("refund", "1", *WHY, "--wait"))
+    assert time.monotonic() - started < 10  # not the minute --wait waits for an answer
+    assert line == (f"error: no refunder is running (none answered on {redis.url} within 2 s): "
+                    "start `openacct worker refunder`")
+    assert queued(redis) == 0
 
 
 def test_refund_and_incident_commands_through_a_real_refunder(center: Engine, redis: Any, tmp_path: Path,

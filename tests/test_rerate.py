@@ -88,7 +88,8 @@ def test_the_command(october, cli) -> None:  # type: ignore[no-untyped-def]
     result = cli("rerate", "--service", "cluster-core-hours", "--from", "2026-10-01", "--to", "2026-11-01",
                  "--discount", "0.1", "--dry-run", "--json")
     assert result.code == 0, result.err
-    assert {r["project"]: r["difference"] for r in result.json()} == {"chem": "-1.00", "phys": "-2.00"}
+    # 10 % off: money back to each project, positive as on its statement.
+    assert {r["project"]: r["difference"] for r in result.json()} == {"chem": "1.00", "phys": "2.00"}
     assert adjustments() == []
     assert cli("rerate", "--service", "cluster-core-hours", "--from", "2026-10-01", "--to", "2026-11-01",
                "--discount", "x").code != 0

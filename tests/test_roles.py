@@ -139,7 +139,7 @@ def test_roles_are_idempotent_and_every_upgrade_keeps_the_grants(scratch_engine:
         at_0010 = _privileges(conn)
         roles.apply(conn)
         assert _privileges(conn) == at_0010
-    assert upgrade(scratch_engine) == "0011"  # run under the owner, grants made anew
+    assert upgrade(scratch_engine) == "0012"  # run under the owner, grants made anew
     with scratch_engine.begin() as conn:
         after = _privileges(conn)
         assert {owner for owner, table, kind in after if kind == ""} == {roles.OWNER}

@@ -145,3 +145,42 @@ def test_a_sent_statement_never_changes_and_a_late_charge_shows_next_month_as_la
     assert next_month.opening == sent.closing and next_month.balanced
     assert next_month.closing == balance("phys", at=(november[1] - INSTANT).isoformat()).available
     assert "late posting" in render.to_csv(next_month) and "(late posting)" in render.to_html(next_month)
+
+
+@pytest.mark.usefixtures("quickstart")
+def test_a_statement_line_says_which_job_who_how_much_and_at_what_rate(cli) -> None:  # type: ignore[no-untyped-def]
+    from openacct.shortcuts import get_service
+    from services.charger.batch import charge_events
+    from services.refunder.rerate import rerate
+    from tests.events import job_completed, raw
+
+    deposit("phys", "1000", start="2026-01-01")
+    ended = dt.datetime(2026, 10, 15, 12, tzinfo=UTC)
+    with session_scope() as s:  # 8 CPUs for 1.5 hours: 12 core-hours at 0.05
+        assert charge_events(s, [raw(job_completed(4242, user="tux", cpus=8, seconds=5400, end=ended)).decode()]).charged == 1
+        rerate(s, get_service("cluster-core-hours"), *month("2026-10"), discount=D("0.5"))  # made now: December
+    with session_scope() as s:
+        (st,) = statements(s, month("2026-10")[0], dt.datetime.now(UTC) + dt.timedelta(days=1), ["phys"])
+    charged, rerated = (line for line in st.lines if line.kind in ("charge", "adjustment"))
+    assert (charged.job, charged.user, charged.quantity, charged.units, charged.rate, charged.amount) == (
+        "4242", "tux", D("12"), "core-hours", D("0.05"), D("-0.6"))
+    # A re-rating is its charge's job's, by its user; its quantity and rate are the charge's, not its own.
+    assert (rerated.job, rerated.user, rerated.service, rerated.quantity, rerated.units, rerated.rate, rerated.amount) == (
+        "4242", "tux", "cluster-core-hours", None, None, None, D("0.3"))
+
+    text = cli("statement", "phys", "--period", "2026-10").out
+    (row,) = [line for line in text.splitlines() if "4242" in line]
+    assert [cell.strip() for cell in row.split("│")[1:-1]] == [
+        "2026-10-15 12:00:00 UTC", str(charged.transaction_id), "charge", "phys", "cluster-core-hours", "4242", "tux",
+        "12", "core-hours", "0.05", "", "-0.60"]
+    csv_rows = cli("statement", "phys", "--period", "2026-10", "--format", "csv").out.splitlines()
+    assert csv_rows[0] == ("project,effective_at,transaction_id,kind,account,service,job,user,quantity,units,rate,"
+                           "description,amount,late")
+    assert csv_rows[2] == (f"phys,2026-10-15T12:00:00+00:00,{charged.transaction_id},charge,phys,cluster-core-hours,"
+                           "4242,tux,12.00,core-hours,0.05,,-0.60,")
+    (data,) = cli("statement", "phys", "--period", "2026-10", "--format", "json").json()
+    assert {k: data["lines"][0][k] for k in ("job", "user", "quantity", "units", "rate", "amount")} == {
+        "job": "4242", "user": "tux", "quantity": "12.00", "units": "core-hours", "rate": "0.05", "amount": "-0.60"}
+    page = cli("statement", "phys", "--period", "2026-10", "--format", "html").out
+    assert ("<td>4242</td><td>tux</td><td class=n>12</td><td>core-hours</td><td class=n>0.05</td>"
+            "<td></td><td class=n>-0.60</td>") in page

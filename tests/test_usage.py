@@ -7,7 +7,7 @@ import datetime as dt
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from openacct.shortcuts import deposit, refund
 from services.charger.batch import charge_events
@@ -124,3 +124,40 @@ def test_a_job_with_two_services_counts_once_and_re_rating_shows() -> None:
         (phys,) = report(s, DAY1, TODAY, ["project"])
     assert phys["jobs"] == 1  # one job, charged for core-hours and GPU-hours
     assert phys["charged"] == D("0.5") + D("2") - D("1")  # 10 core-hours at 0.05, 2 GPU-hours at 1, half off the GPUs
+
+
+@pytest.mark.usefixtures("quickstart")
+def test_usage_is_right_without_a_rollup(cli) -> None:  # type: ignore[no-untyped-def]
+    """Right after charging, nothing rolled up: a day long past never rolled up, and today."""
+    deposit("phys", "1000", start="2026-01-01")
+    just_now = dt.datetime.now(UTC) - dt.timedelta(minutes=1)
+    with session_scope() as s:  # 10 core-hours on DAY1, 4 just now: 0.50 and 0.20 at 0.05
+        assert charge_events(s, [raw(job_completed(11, cpus=10, seconds=3600, end=end_on(DAY1, 10))).decode(),
+                                 raw(job_completed(12, cpus=4, seconds=3600, end=just_now)).decode()]).charged == 2
+    today = just_now.date().isoformat()
+    asked = ("report", "usage", "--from", DAY1.isoformat(), "--to", today, "--by", "project,day")
+    assert cli(*asked, "--format", "json").json() == [
+        {"project": "phys", "day": DAY1.isoformat(), "jobs": 1, "charged": "0.50", "refunded": "0.00", "net": "0.50"},
+        {"project": "phys", "day": today, "jobs": 1, "charged": "0.20", "refunded": "0.00", "net": "0.20"}]
+    table = cli(*asked).out
+    assert [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines() if line.startswith("│")] == [
+        ["phys", DAY1.isoformat(), "1", "0.50", "0.00", "0.50"], ["phys", today, "1", "0.20", "0.00", "0.20"]]
+    # Rolled up, it says the same; and what is charged today after a rollup shows at once.
+    assert cli("report", "rollup", "--from", DAY1.isoformat(), "--to", today).code == 0
+    assert cli(*asked, "--format", "json").json()[0]["charged"] == "0.50"
+    with session_scope() as s:
+        charge_events(s, [raw(job_completed(13, cpus=2, seconds=3600, end=just_now)).decode()])
+    assert [(r["day"], r["jobs"], r["charged"]) for r in cli(*asked, "--format", "json").json()] == [
+        (DAY1.isoformat(), 1, "0.50"), (today, 2, "0.30")]
+
+
+@pytest.mark.usefixtures("jobs")
+def test_a_day_the_rollup_settled_is_read_from_it() -> None:
+    """Cheap: a day rolled up after it ended, past the days rolled up again, comes from usage_daily,
+    not from the ledger (the rollup is altered here to tell the two apart)."""
+    with session_scope() as s:
+        rollup(s, DAY1, DAY2)
+        s.execute(update(UsageDaily).where(UsageDaily.day == DAY1).values(charged=UsageDaily.charged * 10))
+        by_day = {r["day"]: r["charged"] for r in report(s, DAY1, TODAY, ["day"])}
+    assert by_day[DAY1] == D("19")  # 1.90 in the ledger, ten times that in the altered rollup
+    assert by_day[DAY2] == D("0.1")

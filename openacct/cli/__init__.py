@@ -9,11 +9,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from psycopg.errors import UndefinedColumn, UndefinedTable
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from typer._click.exceptions import ClickException  # typer >= 0.29 ships its own click
+from typer._click.exceptions import (  # typer >= 0.29 ships its own click
+    ClickException,
+    NoArgsIsHelpError,
+    UsageError,
+)
 
-from openacct.cli import admission, center, money, pipeline, publish, refunds, reports
-from openacct.cli.output import printable
+from openacct.cli import admission, center, health, local, money, pipeline, publish, refunds, reports
+from openacct.cli.output import NEGATIVE_AMOUNTS, printable
 from openacct.cli.shell import shell
 from shared.errors import OpenAcctError
 
@@ -25,6 +30,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"openacct {version('openacct')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool | None, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                 help="Print the version and exit.")] = None,
+) -> None:
+    pass  # options of openacct itself, before the command; the help is the app's
 
 
 @db_app.command("upgrade")
@@ -82,13 +103,15 @@ def db_roles(
 
 @app.command("demo")
 def demo() -> None:
-    """Build a small center on a database of its own (openacct_demo) and print its balances."""
+    """Build a small center with a day of jobs charged and print its balances: in the local instance's
+    database, which later commands use (or, with a database configured, in openacct_demo beside it)."""
     from openacct.demo import run as run_demo
 
     run_demo()
 
 
 app.add_typer(db_app, name="db")
+app.add_typer(local.local_app, name="local")
 app.add_typer(center.system_app, name="system")
 app.add_typer(center.service_app, name="service")
 app.add_typer(center.user_app, name="user")
@@ -100,9 +123,9 @@ app.add_typer(admission.admission_app, name="admission")
 app.add_typer(admission.holds_app, name="holds")
 app.command("grant")(center.grant)
 app.command("revoke")(center.revoke)
-app.command("deposit")(money.deposit)
+app.command("deposit", context_settings=NEGATIVE_AMOUNTS)(money.deposit)
 app.command("charge")(money.charge)
-app.command("transfer")(money.transfer)
+app.command("transfer", context_settings=NEGATIVE_AMOUNTS)(money.transfer)
 app.command("balance")(money.balance)
 app.command("quote")(money.quote)
 app.command("transactions")(money.transactions)
@@ -111,6 +134,7 @@ app.command("shell")(shell)
 app.command("worker")(pipeline.worker)
 app.command("relay")(pipeline.relay)
 app.command("flower")(pipeline.flower)
+app.command("health")(health.health)
 app.add_typer(pipeline.deadletter_app, name="deadletter")
 app.add_typer(pipeline.job_app, name="job")
 app.add_typer(pipeline.events_app, name="events")
@@ -138,6 +162,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         return result if isinstance(result, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
+    except NoArgsIsHelpError as exc:  # a bare command: its help is the answer
+        exc.show()
+        return exc.exit_code
+    except UsageError as exc:
+        # One line, as every other mistake, instead of click's usage box.
+        command = exc.ctx.command_path if exc.ctx is not None else "openacct"
+        typer.echo(f"error: {printable(exc.format_message().rstrip('.'))} ({command} --help)", err=True)
+        return exc.exit_code
     except ClickException as exc:
         exc.show()
         return exc.exit_code
@@ -155,7 +187,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         typer.echo(f"error: cannot use the database: {_first_line(exc)}", err=True)
         return 1
     except DBAPIError as exc:
-        typer.echo(f"error: the database refused: {_first_line(exc)}", err=True)
+        if isinstance(exc.orig, UndefinedTable | UndefinedColumn):
+            from shared.db import schema_missing
+
+            typer.echo(f"error: {schema_missing()}", err=True)
+        else:
+            typer.echo(f"error: the database refused: {_first_line(exc)}", err=True)
         return 1
     except KeyboardInterrupt:
         return 130

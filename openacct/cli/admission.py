@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from openacct import shortcuts as sc
 from openacct.cli.output import JsonFlag, done, emit_rows
+from openacct.cli.pipeline import MetricsPort
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.errors import ConfigError, InvalidInput
@@ -20,18 +21,25 @@ holds_app = typer.Typer(help="Money held for running jobs.", no_args_is_help=Tru
 
 
 @admission_app.command("serve")
-def serve(loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info") -> None:
+def serve(
+    loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    metrics_port: MetricsPort = None,
+) -> None:
     """The decision service PrologSlurmctld asks, on the admission_socket (run it on the controller, as SlurmUser)."""
-    import logging
-
     from services.admission.server import serve as run_server
+    from shared import logs
 
     if loglevel.lower() not in ("debug", "info", "warning", "error"):
         raise InvalidInput(f"unknown log level {loglevel!r}")
     settings = get_settings()
     if settings.admission_socket is None:
         raise ConfigError("admission_socket is not set: it names the unix socket to listen on")
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s admission %(levelname)s %(message)s")
+    logs.setup("admission", loglevel)
+    if metrics_port is not None:
+        from shared import metrics
+
+        metrics.admission()  # its series show from the start, at zero
+        metrics.serve(metrics_port, metrics.HoldsOpen())
     run_server(settings)
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from openacct import shortcuts as sc
-from openacct.cli.output import JsonFlag, done, emit_record, emit_rows
+from openacct.cli.output import NEGATIVE_AMOUNTS, JsonFlag, done, emit_record, emit_rows
 from shared import ledger
 from shared.db import session_scope
 from shared.errors import InvalidInput, NotFound
@@ -99,7 +99,7 @@ def _rate_or_none(session: Session, service: Service, at: dt.datetime) -> Decima
         return None
 
 
-@service_app.command("rate")
+@service_app.command("rate", context_settings=NEGATIVE_AMOUNTS)
 def service_rate(
     service: Annotated[str, typer.Argument(help="Service name, or SYSTEM/NAME.")],
     rate: Annotated[str | None, typer.Argument(help="New charge per unit; omit to show the history.")] = None,
@@ -190,7 +190,7 @@ def project_show(name: str, as_json: JsonFlag = False) -> None:
         record = {"name": project.name, "pi": project.pi.name, "description": project.description,
                   "active": project.active, "parent": project.parent.name if project.parent else None,
                   "members": list(members), "accounts": accounts,
-                  "balance": ledger.project_balance(s, project).as_dict(),
+                  "balance": ledger.project_balance(s, project).amounts(),
                   "membership_history": history}
     if as_json:
         emit_record(record, as_json=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import aliased
 
 from openacct import shortcuts as sc
@@ -15,7 +15,7 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.errors import InvalidInput
 from shared.models import TRANSACTION_KINDS, Account, Job, LedgerTransaction, Project, Service, User
-from shared.money import money_str
+from shared.money import display, measure
 from shared.timestamps import parse_time
 
 Key = Annotated[str | None, typer.Option(help="Idempotency key: the same key never moves money twice.")]
@@ -39,7 +39,7 @@ def deposit(
     with session_scope():
         txn = sc.deposit(account, amount, start=start, end=end, credit_limit=credit_limit,
                          key=key, description=description)
-        done(f"deposit #{txn.id}: {money_str(txn.amount)} into {sc.get_account(account).name}")
+        done(f"deposit #{txn.id}: {display(txn.amount)} into {sc.get_account(account).name}")
 
 
 def charge(
@@ -55,8 +55,8 @@ def charge(
     with session_scope():
         txn = sc.charge(account, service, quantity, user=user, effective_at=at, key=key,
                         description=description)
-        done(f"charge #{txn.id}: {money_str(txn.amount)} ({money_str(txn.quantity)} x "
-             f"{money_str(txn.rate)}) to {sc.get_account(account).name}")
+        done(f"charge #{txn.id}: {display(txn.amount)} ({measure(txn.quantity)} x "
+             f"{measure(txn.rate)}) to {sc.get_account(account).name}")
 
 
 def transfer(
@@ -69,7 +69,7 @@ def transfer(
     """Move available money between accounts; it keeps its expiry."""
     with session_scope():
         txn = sc.transfer(source, target, amount, key=key, description=description)
-        done(f"transfer #{txn.id}: {money_str(txn.amount)} from {sc.get_account(source).name} "
+        done(f"transfer #{txn.id}: {display(txn.amount)} from {sc.get_account(source).name} "
              f"to {sc.get_account(target).name}")
 
 
@@ -87,7 +87,7 @@ def balance(
             return
         result = [result]
     assert isinstance(result, list)
-    emit_rows([b.as_dict() for b in result], BALANCE_COLUMNS, as_json=as_json)
+    emit_rows([b.amounts() for b in result], BALANCE_COLUMNS, as_json=as_json)
 
 
 def transactions(
@@ -99,16 +99,20 @@ def transactions(
     job: Annotated[str | None, typer.Option(help="Only this scheduler job id.")] = None,
     since: Annotated[str | None, typer.Option(help="Effective at or after this time.")] = None,
     until: Annotated[str | None, typer.Option(help="Effective before this time.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many, newest first.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many a page, newest first.")] = 100,
+    page: Annotated[int, typer.Option(min=1, max=1_000_000, help="Which page of --limit transactions: 2 for the next ones.")] = 1,
     as_json: JsonFlag = False,
 ) -> None:
-    """List ledger transactions, newest first."""
+    """List ledger transactions, newest first, a page at a time (say when there are more).
+
+    An amount is what the transaction did to its account's available money: money in (deposits,
+    refunds, releases) positive, money out (charges, holds, transfers to another) negative."""
     t = LedgerTransaction
     other = aliased(Account)
     zone = get_settings().zone
     with session_scope() as s:
         query = (
-            select(t, Account.name, other.name, Service.name, User.name, Job.job_id)
+            select(t, ledger.SIGNED_AMOUNT, Account.name, other.name, Service.name, User.name, Job.job_id)
             .join(Account, Account.id == t.account_id)
             .outerjoin(other, other.id == t.counterparty_account_id)
             .outerjoin(Service, Service.id == t.service_id)
@@ -135,20 +139,33 @@ def transactions(
             query = query.where(t.effective_at >= parse_time(since, "since", zone))
         if until is not None:
             query = query.where(t.effective_at < parse_time(until, "until", zone))
+        skipped = (page - 1) * limit
+        # One more than the page holds says whether there are more, without counting them all.
         rows = [
             {"id": txn.id, "kind": txn.kind, "effective_at": txn.effective_at,
-             "account": acct_name, "to_account": to_name, "amount": txn.amount,
+             "account": acct_name, "to_account": to_name, "amount": amount,
              "service": svc, "quantity": txn.quantity, "rate": txn.rate, "user": who,
              "job": job_id, "refers_to": txn.refers_to_id, "key": txn.idempotency_key,
              "description": txn.description, "details": txn.details, "created_at": txn.created_at}
-            for txn, acct_name, to_name, svc, who, job_id in
-            s.execute(query.order_by(t.effective_at.desc(), t.id.desc()).limit(limit))
+            for txn, amount, acct_name, to_name, svc, who, job_id in
+            s.execute(query.order_by(t.effective_at.desc(), t.id.desc()).offset(skipped).limit(limit + 1))
         ]
+        cut_short = len(rows) > limit or (not rows and skipped > 0)
+        total = s.scalar(select(func.count()).select_from(query.subquery())) if cut_short else None
+    rows = rows[:limit]
     columns = ["id", "kind", "effective_at", "account", "amount", "service", "quantity", "user", "job"]
-    if as_json:
+    if as_json:  # a script pages with --page until it gets []
         emit_json(rows)
+        return
+    emit_rows(rows, columns, as_json=False)
+    if total is None:
+        return
+    # On stderr: what goes down a pipe stays the table alone.
+    if rows:
+        typer.echo(f"showing {skipped + 1:,}–{skipped + len(rows):,} of {total:,}: --page {page + 1} for more", err=True)
     else:
-        emit_rows(rows, columns, as_json=False)
+        last_page = max(1, (total + limit - 1) // limit)
+        typer.echo(f"page {page} is past the end: {total:,} transactions, --page {last_page} is the last", err=True)
 
 
 @ledger_app.command("verify")
@@ -205,8 +222,8 @@ def quote(
     else:
         emit_rows([vars(line) for line in found.lines],
                   ["resource", "service", "count", "hours", "quantity", "rate", "multiplier", "cost"], as_json=False,
-                  title=f"at most {money_str(found.total)} for {minutes} minutes on {found.account}")
-        done(f"available {money_str(found.available)} (credit limit {money_str(found.credit_limit)}): "
+                  title=f"at most {display(found.total)} for {minutes} minutes on {found.account}")
+        done(f"available {display(found.available)} (credit limit {display(found.credit_limit)}): "
              + ("can pay" if found.affordable else "CANNOT pay"))
     if not found.affordable:
         raise typer.Exit(1)

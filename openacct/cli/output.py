@@ -14,19 +14,28 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from shared.money import money_str
+from shared.money import display, exact_places, measure, money_str
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+# For commands that take an amount as an argument: click reads "-100" as the options -1, -0, -0
+# ("No such option: -1"). Taking what is not an option of the command for an argument, they hand
+# a negative amount to the amount's own check, which says what is wrong with it.
+NEGATIVE_AMOUNTS: dict[str, Any] = {"ignore_unknown_options": True}
+
+# Decimal values that are measures, not money: shown exactly, a column to one number of places
+# (every other Decimal is an amount, shown by shared.money.display).
+MEASURES = frozenset({"quantity", "rate", "multiplier", "hours"})
 
 # Piped output is read by people in a pager or a log, not an 80-column terminal.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def plain(value: Any) -> Any:
-    """JSON-ready: money as exact decimal strings, times in ISO 8601."""
+    """JSON-ready: money as exact decimal strings, times and days in ISO 8601."""
     if isinstance(value, Decimal):
         return money_str(value)
-    if isinstance(value, dt.datetime):
+    if isinstance(value, dt.date):  # datetimes too
         return value.isoformat()
     if isinstance(value, Mapping):
         return {k: plain(v) for k, v in value.items()}
@@ -47,9 +56,10 @@ def emit_rows(rows: Sequence[Mapping[str, Any]], columns: Iterable[str], *, as_j
     table = Table(title=title, title_justify="left")
     for column in columns:
         table.add_column(column.replace("_", " "), justify="right" if _numeric(rows, column) else "left")
-    for row in rows:
+    cells = {c: _cells(c, [row.get(c) for row in rows]) for c in columns}
+    for n in range(len(rows)):
         # Text() keeps user-supplied strings from being read as rich markup.
-        table.add_row(*(Text(_cell(row.get(c))) for c in columns))
+        table.add_row(*(Text(cells[c][n]) for c in columns))
     console.print(table)
 
 
@@ -63,7 +73,7 @@ def emit_record(record: Mapping[str, Any], *, as_json: bool, title: str | None =
     for key, value in record.items():
         if isinstance(value, list | dict):
             continue
-        table.add_row(Text(key.replace("_", " ")), Text(_cell(value)))
+        table.add_row(Text(key.replace("_", " ")), Text(_cells(key, [value])[0]))
     console.print(table)
 
 
@@ -86,11 +96,18 @@ def _numeric(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
     return any(isinstance(r.get(column), Decimal | int) and not isinstance(r.get(column), bool) for r in rows)
 
 
+def _cells(column: str, values: list[Any]) -> list[str]:
+    """A column's values as shown: amounts by the display rule, measures exactly, all of the
+    column's numbers to the same places, so that a right-aligned column lines up on the point."""
+    if column in MEASURES:
+        places = exact_places(v for v in values if isinstance(v, Decimal))
+        return [measure(v, places) if isinstance(v, Decimal) else _cell(v) for v in values]
+    return [display(v) if isinstance(v, Decimal) else _cell(v) for v in values]
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, Decimal):
-        return money_str(value)
     if isinstance(value, dt.datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S %Z")
     if isinstance(value, bool):

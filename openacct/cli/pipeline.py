@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -19,7 +20,7 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.deadletter import Parked, park
 from shared.errors import InvalidInput, NotFound
-from shared.ledger import now
+from shared.ledger import SIGNED_AMOUNT, now
 from shared.models import Account, Job, LedgerTransaction, ParkedEvent, Service, System, User
 
 WORKERS = ("charger", "refunder", "reporter")
@@ -30,10 +31,15 @@ job_app = typer.Typer(help="Jobs and what they were charged.", no_args_is_help=T
 events_app = typer.Typer(help="The event contracts.", no_args_is_help=True)
 
 
+MetricsPort = Annotated[int | None, typer.Option(
+    "--metrics-port", min=1, max=65535, help="Serve Prometheus metrics on this port (address: metrics_address).")]
+
+
 def worker(
     name: Annotated[str, typer.Argument(help=f"Which worker: {', '.join(WORKERS)}.")],
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=64, help="Worker processes.")] = 2,
     loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run a worker consuming its own queue (same as celery -A services.NAME.tasks worker -Q NAME)."""
     if name not in WORKERS:
@@ -45,18 +51,49 @@ def worker(
     from shared import signing
 
     signing.required(f"{name} worker")
+    if get_settings().log_format == "json":
+        # Every line on stderr is JSON, from the start (Celery keeps this handler). What Celery
+        # prints past logging (its banner, its shutdown notice) goes to stdout.
+        from shared import logs
+
+        logs.setup(name, loglevel)
+    if metrics_port is not None:
+        count_in_every_process(name)
     tasks = importlib.import_module(f"services.{name}.tasks")
+    if metrics_port is not None:
+        from shared import metrics
+
+        metrics.batches().show(name)
+        metrics.serve(metrics_port, *([metrics.HoldsOpen()] if name == "charger" else []))
     tasks.app.worker_main(["worker", "-Q", name, "-n", f"{name}@%h", "-c", str(concurrency),
                            "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
+
+
+def count_in_every_process(name: str) -> None:
+    """The worker's batches run in prefork children, each counting in its own memory, out of the
+    reach of the main process that serves /metrics. Multiprocess mode keeps every process's
+    values in files of one directory instead (a fresh one per worker, removed when it stops),
+    which the main process adds up at each scrape. It must be chosen before prometheus_client is
+    first imported. Not the solo or threads pool instead: prefork is what enforces the hard time
+    limit that keeps a task within the broker's visibility timeout (shared.celery_app)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix=f"openacct-{name}-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    owner = os.getpid()
+    # Children inherit the hook and leave by os._exit; only the main process removes the directory.
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(directory, ignore_errors=True))
 
 
 def relay(
     once: Annotated[bool, typer.Option(help="Ship what is spooled now, then exit.")] = False,
     status: Annotated[bool, typer.Option(help="Print the spool's backlog as JSON and exit.")] = False,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Ship spooled events to the broker; one relay per spool host."""
-    import logging
-
+    from shared import logs
     from shared.relay import Relay, applied_tasks
 
     settings = get_settings()
@@ -70,10 +107,14 @@ def relay(
     from shared.celery_app import freeze_startup_objects
 
     signing.required("relay")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s")
+    logs.setup("relay", "info")
     the_relay = Relay(None, settings.spool_path, settings.relay_batch_size,
                       applied=applied_tasks if settings.relay_confirms else None,
                       reship_after=settings.broker_visibility_timeout + 60)
+    if metrics_port is not None:
+        from shared import metrics
+
+        metrics.serve(metrics_port)
     freeze_startup_objects()
     if once:
         while the_relay.ship_once():
@@ -203,7 +244,8 @@ def job_show(
             user = s.get(User, job.user_id) if job.user_id else None
             account = s.get(Account, job.account_id) if job.account_id else None
             txns = s.execute(
-                select(LedgerTransaction, Service.name).outerjoin(Service, Service.id == LedgerTransaction.service_id)
+                select(LedgerTransaction, SIGNED_AMOUNT, Service.name)
+                .outerjoin(Service, Service.id == LedgerTransaction.service_id)
                 .where(LedgerTransaction.job_id == job.id).order_by(LedgerTransaction.id)
             ).all()
             jobs.append({
@@ -215,9 +257,9 @@ def job_show(
                 "cpus": job.cpus, "gpus": job.gpus, "node_count": job.node_count, "node_list": job.node_list,
                 "memory_mb": job.memory_mb, "time_limit_minutes": job.time_limit_minutes,
                 "charge_policy": job.charge_policy,
-                "transactions": [{"id": t.id, "kind": t.kind, "amount": t.amount, "service": svc,
+                "transactions": [{"id": t.id, "kind": t.kind, "amount": amount, "service": svc,
                                   "quantity": t.quantity, "rate": t.rate, "effective_at": t.effective_at,
-                                  "details": t.details} for t, svc in txns],
+                                  "details": t.details} for t, amount, svc in txns],
             })
     if as_json:
         emit_json(jobs if len(jobs) > 1 else jobs[0])

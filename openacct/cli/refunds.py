@@ -3,6 +3,10 @@
 A request's id makes it idempotent. Without ``--request-id`` the id is derived from what is
 asked (target, size, reason), so running the same command twice refunds once; ask again on
 purpose with a new ``--request-id`` (or reason).
+
+Nothing is sent that the refunder would refuse: each request is first checked against the ledger
+by the refunder's own rule (``services.refunder.batch.to_refund``), and ``--wait`` first asks the
+broker whether a refunder is there to answer.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import typer
 from sqlalchemy import or_, select
 
 from openacct.cli.output import JsonFlag, done, emit_json, emit_rows
-from shared import hostlist, ledger
+from shared import hostlist, inbox, ledger
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.errors import InvalidInput, NotFound
+from shared.errors import InvalidInput, NotFound, OpenAcctError
 from shared.events import EventRejected, RefundRequested, parse_event
 from shared.models import Job, LedgerTransaction, ParkedEvent, ProcessedEvent
 from shared.money import parse_money
@@ -30,6 +34,7 @@ from shared.timestamps import parse_time
 Reason = Annotated[str, typer.Option(help="Why: kept with every refund row.")]
 Wait = Annotated[bool, typer.Option(help="Wait for the refunder and print what it did.")]
 WAIT_SECONDS = 60.0
+REFUNDER_PING_SECONDS = 2.0  # a worker answers within milliseconds; the broker's round trip is the rest
 
 
 def refund(
@@ -59,9 +64,11 @@ def refund(
     if fraction is not None:
         fields["fraction"] = fraction
     request = _request(fields, request_id, requester)
-    published_at = _send([request])
+    fresh = _to_send([request])
+    published_at = _send(fresh, wait) if fresh else ledger.now()
     if not wait:
-        done(f"refund request {request.event_id} sent to the refunder")
+        done(f"refund request {request.event_id} "
+             + ("sent to the refunder" if fresh else "was applied before: nothing sent"))
         return
     _report([request], published_at, as_json)
 
@@ -94,9 +101,10 @@ def incident(
         return
     requests = [_request({"system": system, "job_id": j.job_id, "submit_time": j.submit_time.isoformat(),
                           "reason": reason}, f"incident-{incident_id}/{j.id}", requester) for j, _ in jobs]
-    published_at = _send(requests)
+    fresh = _to_send(requests)
+    published_at = _send(fresh, wait) if fresh else ledger.now()
     if not wait:
-        done(f"{len(requests)} refund requests sent to the refunder (incident {incident_id})")
+        done(f"{len(fresh)} refund requests sent to the refunder (incident {incident_id})")
         return
     _report(requests, published_at, as_json)
 
@@ -126,17 +134,41 @@ def _request(fields: dict[str, Any], request_id: str | None, requester: str | No
     return request
 
 
-def _send(requests: list[RefundRequested]) -> dt.datetime:
+def _to_send(requests: list[RefundRequested]) -> list[RefundRequested]:
+    """The requests not applied before (the refunder would only count those again), each checked
+    as the refunder will check it: one that names nothing refundable (no such job, system or
+    charge, nothing left, more than is left) stops the command before anything is sent."""
+    from services.refunder.batch import to_refund
+
+    with session_scope() as s:
+        applied = inbox.applied(s, [r.event_id for r in requests])
+        fresh = [r for r in requests if r.event_id not in applied]
+        for request in fresh:
+            to_refund(s, request)
+    return fresh
+
+
+def _send(requests: list[RefundRequested], wait: bool) -> dt.datetime:
     """Publish straight to the refunder's queue: an administrator's command, not a hook, so a
-    broker that is away is an error to retry, not something to spool."""
-    from shared.celery_app import TASKS, get_app
+    broker that is away is an error to retry, not something to spool. To wait for an answer, a
+    refunder must be there to give it: asked first, so that nothing waits on no one."""
+    from kombu.exceptions import OperationalError as BrokerUnreachable
+    from kombu.utils.url import sanitize_url
 
-    sent_at = ledger.now()
     from shared import signing
+    from shared.celery_app import TASKS, consumers, get_app
 
+    broker = sanitize_url(get_app().conf.broker_url)  # without its password
+    sent_at = ledger.now()
     body = [r.model_dump_json(exclude_none=True) for r in requests]
-    get_app().send_task(TASKS["refunder"], args=[signing.seal(TASKS["refunder"], body)],
-                        queue="refunder", routing_key="refunder")
+    try:
+        if wait and not consumers(REFUNDER_PING_SECONDS).get("refunder"):
+            raise OpenAcctError(f"no refunder is running (none answered on {broker} within "
+                                f"{REFUNDER_PING_SECONDS:g} s): start `openacct worker refunder`")
+        get_app().send_task(TASKS["refunder"], args=[signing.seal(TASKS["refunder"], body)],
+                            queue="refunder", routing_key="refunder")
+    except BrokerUnreachable as exc:
+        raise OpenAcctError(f"cannot reach the broker at {broker}: {exc}") from None
     return sent_at
 
 
@@ -212,7 +244,9 @@ def rerate(
 ) -> None:
     """Price charges again at the rate in effect then, or with a discount.
 
-    The differences become adjustments referring to each charge; running it again changes nothing."""
+    The differences become adjustments referring to each charge; running it again changes nothing.
+    A difference is signed as every movement of money is: what it does to the project's balance,
+    money given back (a discount) positive."""
     from openacct import shortcuts as sc
     from services.refunder.rerate import rerate as rerate_charges
 
@@ -225,6 +259,6 @@ def rerate(
         results = rerate_charges(s, sc.get_service(service), start, end, projects=project or None,
                                  discount=fraction, dry_run=dry_run, actor="openacct rerate")
     emit_rows([{"project": r.project, "examined": r.examined, "changed": r.changed,
-                "refunded_skipped": r.refunded_skipped, "difference": r.difference} for r in results],
+                "refunded_skipped": r.refunded_skipped, "difference": -r.difference} for r in results],
               ["project", "examined", "changed", "refunded_skipped", "difference"], as_json=as_json,
               title=f"{'would re-rate' if dry_run else 're-rated'} {service} from {start.isoformat()} to {end.isoformat()}")

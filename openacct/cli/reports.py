@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from openacct.cli.output import JsonFlag, emit_rows
+from openacct.cli.pipeline import MetricsPort
 from services.reporter import render
 from services.reporter.statements import Statement, month, statements
 from services.reporter.usage import DIMENSIONS
@@ -38,8 +39,11 @@ def statement(
     """Opening balance, deposits, charges, refunds, adjustments and closing balance of a period."""
     if (period is None) == (from_ is None and to is None):
         raise InvalidInput("give --period MONTH, or --from and --to")
+    if period is None and (from_ is None or to is None):
+        missing = "--to (the end of the period)" if to is None else "--from (the start of the period)"
+        raise InvalidInput(f"{missing} is missing: give --from and --to, or --period MONTH")
     try:
-        start, end = month(period) if period else (parse_time(from_, "--from"), parse_time(to, "--to"))  # type: ignore[arg-type]
+        start, end = month(period) if period else (parse_time(from_, "--from"), parse_time(to, "--to"))
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     if end <= start:
@@ -73,9 +77,7 @@ def _print(found: list[Statement]) -> None:
         emit_rows([{"": label, "amount": amount} for label, amount in render.summary(st)], ["", "amount"],
                   as_json=False, title=f"{st.project}: {st.start:%Y-%m-%d %H:%M} to {st.end:%Y-%m-%d %H:%M} UTC")
         if st.lines:
-            emit_rows([vars(line) for line in st.lines],
-                      ["effective_at", "transaction_id", "kind", "account", "service", "description", "amount"],
-                      as_json=False)
+            emit_rows([vars(line) for line in st.lines], render.LINE_COLUMNS, as_json=False)
 
 
 BEAT_LOCK = 0x0A_CC7_BEA7  # pg_advisory_lock key: one beat per database
@@ -83,6 +85,7 @@ BEAT_LOCK = 0x0A_CC7_BEA7  # pg_advisory_lock key: one beat per database
 
 def beat(
     loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run the scheduler of the reporter's alerts, usage rollup and statements.
 
@@ -104,6 +107,10 @@ def beat(
         lock.execute("SELECT pg_advisory_lock(%s)", (BEAT_LOCK,))
     from services.reporter.tasks import app
 
+    if metrics_port is not None:  # what beat sends is counted by shared.celery_app
+        from shared import metrics
+
+        metrics.serve(metrics_port)
     schedule = settings.data_dir / "beat-schedule"
     schedule.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -130,7 +137,8 @@ def alerts(
               title=f"{len(found)} alerts {'due' if dry_run else 'sent'}")
 
 
-report_app = typer.Typer(help="Usage reports, from the daily rollup.", no_args_is_help=True)
+report_app = typer.Typer(help="Usage reports, from the daily rollup and, for the days it has not settled, "
+                              "the ledger.", no_args_is_help=True)
 
 
 def _days(from_: str, to: str) -> tuple[dt.date, dt.date]:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.admission.decide import AdmissionRequest, decide
+from shared import logs, metrics
 from shared.config import Settings
 from shared.db import session_scope
 from shared.errors import OpenAcctError
@@ -47,6 +48,11 @@ def answer(line: bytes, settings: Settings) -> dict[str, object]:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
         return {"error": f"invalid request: {problems}"}
+    with logs.context(job_id=request.job_id):
+        return _decided(request, settings)
+
+
+def _decided(request: AdmissionRequest, settings: Settings) -> dict[str, object]:
     try:
         with session_scope() as session:
             decision = decide(session, request, settings)
@@ -91,10 +97,12 @@ class _Handler(socketserver.StreamRequestHandler):
         if len(line) > MAX_REQUEST:
             self._reply({"error": f"request longer than {MAX_REQUEST} bytes"})
             return
-        self._reply(answer(line, self.server.settings))
+        with metrics.admission().seconds.time():
+            self._reply(answer(line, self.server.settings))
 
     def _reply(self, body: dict[str, object]) -> None:
         verb = "error" if "error" in body else "admit" if body["admit"] else "reject"
+        metrics.admission().decisions.labels(verb).inc()
         why = " ".join(str(body.get("error") or body.get("reason") or "").split())  # one line, no tabs
         try:
             self.wfile.write(f"{verb}\t{why}\n".encode())

@@ -11,6 +11,7 @@ reason, and nothing of it is written.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
@@ -52,21 +53,44 @@ def refund_events(session: Session, items: list[Any], *, source: str = "") -> Ou
     return outcome
 
 
+@dataclass(frozen=True)
+class ToRefund:
+    """What a request refunds from: the charges it names, and what each has left to refund."""
+
+    charges: list[LedgerTransaction]
+    remaining: dict[int, Decimal]
+
+    @property
+    def left(self) -> Decimal:
+        return sum(self.remaining.values(), Decimal(0))
+
+
+def to_refund(session: Session, request: RefundRequested) -> ToRefund:
+    """The charges a request names and what is left of each; Refused when it names nothing
+    refundable (no such job, system or charge; nothing left; more than is left). ``openacct
+    refund`` asks before it sends a request, and the refunder again when it applies it."""
+    charges = _charges(session, request)
+    found = ToRefund(charges, {c.id: ledger.refundable(session, c) for c in charges})
+    what = f"transaction #{charges[0].id}" if request.transaction_id else f"job {request.job_id}"
+    if found.left == 0:
+        raise Refused(f"{what} has nothing left to refund: its charges were refunded in full")
+    if request.amount is not None and request.amount > found.left:
+        raise Refused(f"refund of {money_str(request.amount)} refused: {what} has {money_str(found.left)} left to refund")
+    return found
+
+
 def apply(session: Session, request: RefundRequested) -> int | None:
     """Write the refunds a request asks for; None if the request was applied before."""
     if not inbox.claim(session, [(request.event_id, request.kind)]):
         return None
-    charges = _charges(session, request)
-    remaining = {c.id: ledger.refundable(session, c) for c in charges}
-    what = f"transaction #{charges[0].id}" if request.transaction_id else f"job {request.job_id}"
-    if sum(remaining.values(), Decimal(0)) == 0:
-        raise Refused(f"{what} has nothing left to refund: its charges were refunded in full")
+    found = to_refund(session, request)
+    charges = found.charges
     actor = f"refunder for {request.requester}"
     if request.fraction is not None:  # of what each charge costs now: the ledger decides it, locked
         written = [ledger.refund_share(session, charge, request.fraction, key=f"{request.event_id}/{charge.id}",
                                        reason=request.reason, actor=actor) for charge in charges]
         return sum(1 for txn in written if txn is not None)
-    amounts = _amounts(request, what, charges, remaining)
+    amounts = _amounts(request, found)
     for charge in charges:
         if amounts[charge.id] > 0:
             ledger.refund(session, charge, amounts[charge.id], key=f"{request.event_id}/{charge.id}",
@@ -104,14 +128,11 @@ def _charges(session: Session, request: RefundRequested) -> list[LedgerTransacti
     return charges
 
 
-def _amounts(request: RefundRequested, what: str, charges: list[LedgerTransaction],
-             remaining: dict[int, Decimal]) -> dict[int, Decimal]:
+def _amounts(request: RefundRequested, found: ToRefund) -> dict[int, Decimal]:
     """An amount (or all) spread over a job's charges in proportion to what each has left."""
-    left = sum(remaining.values(), Decimal(0))
+    charges, remaining, left = found.charges, found.remaining, found.left
     if request.amount is None:
         return dict(remaining)
-    if request.amount > left:
-        raise Refused(f"refund of {money_str(request.amount)} refused: {what} has {money_str(left)} left to refund")
     # Spread over the charges in proportion to what each has left, rounded down; what rounding
     # left over goes to the first charges that still have room.
     amounts = {c.id: (request.amount * remaining[c.id] / left).quantize(CENT, ROUND_DOWN) for c in charges}

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from shared import ledger
 from shared.config import Settings
 from shared.models import Account, AlertSent, Allocation, Project, User
-from shared.money import money_str
+from shared.money import display
 
 log = logging.getLogger("openacct.alerts")
 TIMEOUT = 10
@@ -85,8 +85,8 @@ def due(session: Session, settings: Settings, now: dt.datetime | None = None) ->
                 keys = [f"low:{project.id}:{t:g}:{newest}" for t in reversed(crossed)]
                 alerts.append(Alert(project.name, project.id, "low_balance", (
                     f"Project {project.name} has used {used:.0%} of its allocations "
-                    f"(threshold {crossed[-1]:.0%}): {money_str(balance.available)} of "
-                    f"{money_str(balance.allocated)} left."), keys, recipients))
+                    f"(threshold {crossed[-1]:.0%}): {display(balance.available)} of "
+                    f"{display(balance.allocated)} left."), keys, recipients))
         ending = session.execute(
             select(Allocation, Account.name).join(Account, Account.id == Allocation.account_id)
             .where(Account.project_id == project.id, Allocation.starts_at <= now, Allocation.ends_at.is_not(None),
@@ -101,7 +101,7 @@ def due(session: Session, settings: Settings, now: dt.datetime | None = None) ->
             when = "has ended" if left <= dt.timedelta(0) else f"ends in {max(1, round(left.total_seconds() / 86400))} days"
             alerts.append(Alert(project.name, project.id, "expiry", (
                 f"Allocation #{allocation.id} of account {account} (project {project.name}, "
-                f"{money_str(allocation.amount)}) {when}, on {allocation.ends_at:%Y-%m-%d %H:%M} UTC."),
+                f"{display(allocation.amount)}) {when}, on {allocation.ends_at:%Y-%m-%d %H:%M} UTC."),
                 [f"expiry:{allocation.id}:{d}" for d in crossed_days[::-1]], recipients))
     return alerts
 

@@ -11,14 +11,17 @@ from collections import defaultdict
 from decimal import Decimal
 from typing import Any
 
-from services.reporter.statements import Statement
-from shared.money import money_str
+from services.reporter.statements import Line, Statement
+from shared.money import display, exact_places, measure, money_str
 
 SUMMARY = [("opening", "Opening balance"), ("deposit", "Deposits"), ("charge", "Charges"),
            ("refund", "Refunds"), ("adjustment", "Adjustments"), ("transfer", "Transfers"),
            ("hold", "Holds"), ("release", "Releases"),
            ("allocations_started", "Allocations that began"), ("allocations_ended", "Allocations that ended"),
            ("closing", "Closing balance")]
+# A statement's line, as every format shows it; the amount is signed (shared.money).
+LINE_COLUMNS = ["effective_at", "transaction_id", "kind", "account", "service", "job", "user", "quantity", "units",
+                "rate", "description", "amount"]
 
 
 def summary(statement: Statement) -> list[tuple[str, Decimal]]:
@@ -51,36 +54,41 @@ def cell(value: object) -> object:
 
 
 def to_csv(statement: Statement) -> str:
+    """For a spreadsheet: the exact amounts (it rounds them as it shows them), a field a column."""
     out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["project", "effective_at", "transaction", "kind", "account", "service", "description", "amount",
-                     "late"])
-    writer.writerow([statement.project, statement.start.isoformat(), "", "opening balance", "", "", "",
-                     money_str(statement.opening)])
+    writer = csv.DictWriter(out, ["project", *LINE_COLUMNS, "late"])
+    writer.writeheader()
+
+    def total(at: dt.datetime, label: str, amount: Decimal) -> None:
+        writer.writerow({"project": statement.project, "effective_at": at.isoformat(), "kind": label,
+                         "amount": money_str(amount)})
+
+    total(statement.start, "opening balance", statement.opening)
     for line in statement.lines:
-        writer.writerow([statement.project, line.effective_at.isoformat(), line.transaction_id, line.kind,
-                         cell(line.account), cell(line.service or ""), cell(line.description),
-                         money_str(line.amount), "late posting" if line.late else ""])
+        writer.writerow({"project": statement.project, "effective_at": line.effective_at.isoformat(),
+                         "transaction_id": line.transaction_id, "kind": line.kind, "account": cell(line.account),
+                         "service": cell(line.service or ""), "job": cell(line.job or ""),
+                         "user": cell(line.user or ""), "quantity": _exact(line.quantity),
+                         "units": cell(line.units or ""), "rate": _exact(line.rate),
+                         "description": cell(line.description), "amount": money_str(line.amount),
+                         "late": "late posting" if line.late else ""})
     for key, label in (("allocations_started", "allocations that began"), ("allocations_ended", "allocations that ended")):
         if getattr(statement, key):
-            writer.writerow([statement.project, statement.end.isoformat(), "", label, "", "", "",
-                             money_str(getattr(statement, key))])
-    writer.writerow([statement.project, statement.end.isoformat(), "", "closing balance", "", "", "",
-                     money_str(statement.closing)])
+            total(statement.end, label, getattr(statement, key))
+    total(statement.end, "closing balance", statement.closing)
     return out.getvalue()
+
+
+def _exact(value: Decimal | None) -> str:
+    return "" if value is None else money_str(value)
 
 
 def to_html(statement: Statement) -> str:
     e = html.escape
     period = f"{statement.start:%Y-%m-%d %H:%M} to {statement.end:%Y-%m-%d %H:%M} UTC"
-    rows = "".join(f"<tr><td>{e(label)}</td><td class=n>{e(money_str(amount))}</td></tr>"
+    rows = "".join(f"<tr><td>{e(label)}</td><td class=n>{e(display(amount))}</td></tr>"
                    for label, amount in summary(statement))
-    items = "".join(
-        f"<tr><td>{line.effective_at:%Y-%m-%d %H:%M}{' (late posting)' if line.late else ''}</td>"
-        f"<td>{line.transaction_id}</td><td>{e(line.kind)}</td>"
-        f"<td>{e(line.account)}</td><td>{e(line.service or '')}</td><td>{e(line.description)}</td>"
-        f"<td class=n>{e(money_str(line.amount))}</td></tr>"
-        for line in statement.lines)
+    items = "".join(_html_line(statement.lines))
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>Statement {e(statement.project)}, {e(period)}</title>
 <style>
@@ -96,9 +104,28 @@ td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 <h2>Charges per day</h2>
 {daily_chart(statement)}
 <h2>Transactions</h2>
-<table id=lines><tr><th>effective</th><th>#</th><th>kind</th><th>account</th><th>service</th><th>description</th><th>amount</th></tr>{items}</table>
+<table id=lines><tr><th>effective</th><th>#</th><th>kind</th><th>account</th><th>service</th><th>job</th><th>user</th>
+<th>quantity</th><th>units</th><th>rate</th><th>description</th><th>amount</th></tr>{items}</table>
 </body></html>
 """
+
+
+def _html_line(lines: list[Line]) -> list[str]:
+    """The lines' rows: amounts as people read money; quantities and rates exactly, each column to
+    one number of places (right-aligned, they line up on the point)."""
+    e = html.escape
+    quantities = exact_places(line.quantity for line in lines if line.quantity is not None)
+    rates = exact_places(line.rate for line in lines if line.rate is not None)
+    return [
+        f"<tr><td>{line.effective_at:%Y-%m-%d %H:%M}{' (late posting)' if line.late else ''}</td>"
+        f"<td>{line.transaction_id}</td><td>{e(line.kind)}</td>"
+        f"<td>{e(line.account)}</td><td>{e(line.service or '')}</td><td>{e(line.job or '')}</td>"
+        f"<td>{e(line.user or '')}</td>"
+        f"<td class=n>{'' if line.quantity is None else e(measure(line.quantity, quantities))}</td>"
+        f"<td>{e(line.units or '')}</td>"
+        f"<td class=n>{'' if line.rate is None else e(measure(line.rate, rates))}</td>"
+        f"<td>{e(line.description)}</td><td class=n>{e(display(line.amount))}</td></tr>"
+        for line in lines]
 
 
 def daily_chart(statement: Statement) -> str:
@@ -125,7 +152,7 @@ def bar_chart(points: list[tuple[str, Decimal]], title: str, width: int = 720, h
     for i, (label, value) in enumerate(points):
         h = float(max(value, Decimal(0)) / top) * (height - 20)
         bars.append(f'<rect x="{i * step + 1:.1f}" y="{height - 15 - h:.1f}" width="{max(step - 2, 1):.1f}" '
-                    f'height="{h:.1f}"><title>{html.escape(label)}: {money_str(value)}</title></rect>')
+                    f'height="{h:.1f}"><title>{html.escape(label)}: {display(value)}</title></rect>')
     labels = (f'<text x="0" y="{height - 2}">{html.escape(points[0][0])}</text>'
               f'<text x="{width - 60}" y="{height - 2}">{html.escape(points[-1][0])}</text>') if points else ""
     return (f'<svg class=chart width="{width}" height="{height}" role="img" '
@@ -136,7 +163,7 @@ def share_bars(points: list[tuple[str, Decimal]]) -> str:
     """Horizontal bars, biggest first: who or what used how much."""
     top = max([v for _, v in points] + [Decimal("0.000001")])
     rows = "".join(
-        f'<tr><td>{html.escape(label or "(none)")}</td><td class=n>{html.escape(money_str(value))}</td>'
+        f'<tr><td>{html.escape(label or "(none)")}</td><td class=n>{html.escape(display(value))}</td>'
         f'<td><div class=bar style="width:{float(max(value, Decimal(0)) / top) * 300:.0f}px"></div></td></tr>'
         for label, value in points)
     return f"<table class=shares>{rows}</table>"
@@ -151,7 +178,7 @@ def usage_page(first: dt.date, last: dt.date, by: list[str], rows: list[dict[str
     columns = [*by, "jobs", "charged", "refunded", "net"]
     head = "".join(f"<th>{e(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(
-        f"<td class=n>{e(money_str(r[c]))}</td>" if isinstance(r[c], Decimal) else f"<td>{e(str(r[c]))}</td>"
+        f"<td class=n>{e(display(r[c]))}</td>" if isinstance(r[c], Decimal) else f"<td>{e(str(r[c]))}</td>"
         for c in columns) + "</tr>" for r in rows)
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>Usage {first} to {last}</title>

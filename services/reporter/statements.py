@@ -31,25 +31,23 @@ from typing import Any
 
 from sqlalchemy import and_, case, false, func, select, true
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
+from shared.ledger import AVAILABLE_EFFECT
 from shared.models import (
     Account,
     Allocation,
+    Job,
     LedgerEntry,
     LedgerTransaction,
     Project,
     Service,
     StatementIssued,
+    User,
 )
 
 ZERO = Decimal(0)
 INSTANT = dt.timedelta(microseconds=1)  # PostgreSQL's resolution: "just before"
-# What an entry does to the available balance.
-EFFECT = case(
-    (LedgerEntry.bucket.in_(("allocated", "refunded")), LedgerEntry.amount),
-    else_=-LedgerEntry.amount,
-)
 KINDS = ("deposit", "charge", "refund", "adjustment", "transfer", "hold", "release")
 POSTED = LedgerTransaction.created_at
 
@@ -61,6 +59,11 @@ class Line:
     kind: str
     account: str
     service: str | None
+    job: str | None  # the scheduler's job id (a refund's or re-rating's: its charge's)
+    user: str | None
+    quantity: Decimal | None  # of the service used, in its units
+    units: str | None
+    rate: Decimal | None  # per unit
     description: str
     amount: Decimal  # its effect on the project's available balance
     late: bool = False  # effective in an earlier period whose statement was already issued
@@ -114,8 +117,8 @@ def statements(session: Session, start: dt.datetime, end: dt.datetime, projects:
 
     # Per project and allocation (NULL: the account itself): its entries' effect up to the start
     # and up to the end, as known when each was drawn, and whether it is in force then.
-    upto_start = func.coalesce(func.sum(EFFECT).filter(LedgerEntry.effective_at <= opened, known_at_start), 0)
-    upto_end = func.coalesce(func.sum(EFFECT), 0)
+    upto_start = func.coalesce(func.sum(AVAILABLE_EFFECT).filter(LedgerEntry.effective_at <= opened, known_at_start), 0)
+    upto_end = func.coalesce(func.sum(AVAILABLE_EFFECT), 0)
     per_allocation = session.execute(
         select(project_of, LedgerEntry.allocation_id, upto_start, upto_end,
                Allocation.starts_at, Allocation.ends_at)
@@ -144,7 +147,7 @@ def statements(session: Session, start: dt.datetime, end: dt.datetime, projects:
 
     # The period's activity by kind of transaction.
     by_kind = session.execute(
-        select(project_of, LedgerTransaction.kind, func.sum(EFFECT))
+        select(project_of, LedgerTransaction.kind, func.sum(AVAILABLE_EFFECT))
         .join(Account, Account.id == LedgerEntry.account_id)
         .join(LedgerTransaction, LedgerTransaction.id == LedgerEntry.transaction_id)
         .where(project_of.in_(found), in_period)
@@ -154,17 +157,24 @@ def statements(session: Session, start: dt.datetime, end: dt.datetime, projects:
         found[pid].activity[kind] += amount
 
     if itemized:
+        t = LedgerTransaction
+        # A re-rating carries none of its charge's job, user or service, and a release its hold's:
+        # they come from the transaction it refers to. Quantity and rate are the line's own.
+        referred = aliased(LedgerTransaction)
+        units = case((t.quantity.is_not(None), Service.units))
+        described = (Account.name, Service.name, Job.job_id, User.name, t.quantity, units, t.rate, t.description)
         lines = session.execute(
-            select(project_of, LedgerTransaction.id, LedgerEntry.effective_at, LedgerTransaction.kind,
-                   Account.name, Service.name, LedgerTransaction.description, func.sum(EFFECT),
+            select(project_of, t.id, LedgerEntry.effective_at, t.kind, *described, func.sum(AVAILABLE_EFFECT),
                    LedgerEntry.effective_at < start)
             .join(Account, Account.id == LedgerEntry.account_id)
-            .join(LedgerTransaction, LedgerTransaction.id == LedgerEntry.transaction_id)
-            .outerjoin(Service, Service.id == LedgerTransaction.service_id)
+            .join(t, t.id == LedgerEntry.transaction_id)
+            .outerjoin(referred, referred.id == t.refers_to_id)
+            .outerjoin(Service, Service.id == func.coalesce(t.service_id, referred.service_id))
+            .outerjoin(Job, Job.id == func.coalesce(t.job_id, referred.job_id))
+            .outerjoin(User, User.id == func.coalesce(t.user_id, referred.user_id))
             .where(project_of.in_(found), in_period)
-            .group_by(project_of, LedgerTransaction.id, LedgerEntry.effective_at, LedgerTransaction.kind,
-                      Account.name, Service.name, LedgerTransaction.description)
-            .order_by(LedgerEntry.effective_at, LedgerTransaction.id)
+            .group_by(project_of, t.id, LedgerEntry.effective_at, t.kind, *described)
+            .order_by(LedgerEntry.effective_at, t.id)
         )
         collected: dict[int, list[Line]] = defaultdict(list)
         for pid, *fields in lines:

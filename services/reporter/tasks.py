@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from services.reporter import alerts, render, usage
 from services.reporter.statements import issue, month, statements
-from shared import inbox, signing
+from shared import inbox, scheduled_runs, signing
 from shared.batches import RETRYABLE, Outcome, run_batch, sort_out
 from shared.celery_app import get_app
 from shared.config import get_settings
@@ -30,7 +30,7 @@ from shared.events import ReportRequested
 app = get_app()
 AVAILABLE = {"alerts", "statements", "rollup"}
 # Each scheduled rollup does the last few days again: late job events land within them.
-ROLLUP_DAYS = 3
+ROLLUP_DAYS = usage.ROLLED_AGAIN_DAYS
 # The most a rollup asked through the broker may redo (the CLI's `report rollup` has no such limit).
 MAX_ROLLUP_DAYS = 400
 # Seconds: jobs that ended this recently may still be on their way from the jobcomp hook.
@@ -49,6 +49,8 @@ def scheduled(name: str) -> Callable[[Callable[..., Any]], Any]:
             arguments = signing.unseal(name, message)
             if not isinstance(arguments, dict):
                 raise ValueError(f"{name} takes its arguments by name, not {arguments!r}")
+            with session_scope() as session:  # before the run, which may fail: beat did send it
+                scheduled_runs.note_run(session, name)
             return function(**arguments)
 
         return task
@@ -124,7 +126,8 @@ def reconcile_slurm(settle: int = RECONCILE_SETTLE, lookback: int | None = None)
     for finding in result.findings:
         if finding.status in slurm_reconcile.UNRECONCILED:
             log.warning("reconcile: job %s %s: expected %s, charged %s %s", finding.job, finding.status,
-                        finding.expected, finding.charged, finding.note)
+                        finding.expected, finding.charged, finding.note,
+                        extra={"job_id": finding.job, "event_id": finding.event_id})
     log.info("reconcile of jobs that ended from %s to %s: %s", since.isoformat(), until.isoformat(),
              " ".join(f"{k}={v}" for k, v in result.counts.items()))
     return result.counts
