@@ -862,5 +862,8 @@ def test_a_url_set_but_empty_is_a_mistake_not_the_embedded_server(tmp_path: Path
 def test_a_database_without_the_schema_says_to_upgrade_it(tmp_path: Path, scratch_engine: Engine) -> None:
     url = scratch_engine.url
     line = assert_one_error_line(openacct_process(tmp_path, OPENACCT_DATABASE_URL=url.render_as_string(hide_password=False)))
-    assert line == (f"error: the database at {url.host}:{url.port}/{url.database} has no OpenAcct schema "
+    # where the database is (host and port, or the socket folder of an embedded server), never who
+    where = f"{url.host}:{url.port}" if url.host else url.query["host"]
+    assert line == (f"error: the database at {where}/{url.database} has no OpenAcct schema "
                     "(or an old one): run `openacct db upgrade`")
+    assert f"{url.username}@" not in line
