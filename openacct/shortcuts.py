@@ -41,6 +41,7 @@ from shared.models import (
     LedgerTransaction,
     MembershipEvent,
     Project,
+    ProjectManager,
     ProjectMember,
     Service,
     ServiceGrant,
@@ -299,10 +300,10 @@ def create_account(
     return account
 
 
-def _join(project: Project, user: User) -> None:
+def _join(project: Project, user: User, actor: str = "") -> None:
     session = _session()
     session.add(ProjectMember(project_id=project.id, user_id=user.id))
-    session.add(MembershipEvent(project_id=project.id, user_id=user.id, kind="added"))
+    session.add(MembershipEvent(project_id=project.id, user_id=user.id, kind="added", actor=actor))
 
 
 def is_member(project: Project, user: User) -> bool:
@@ -310,17 +311,19 @@ def is_member(project: Project, user: User) -> bool:
 
 
 @unit_of_work
-def add_user_to_project(user: User | str, project: Project | str) -> ProjectMember:
+def add_user_to_project(user: User | str, project: Project | str, *, actor: str = "") -> ProjectMember:
+    """``actor``: who did it, kept in membership_events (the API's caller, say)."""
     member, team = get_user(user), get_project(project)
     if is_member(team, member):
         raise AlreadyExists(f"user {member.name!r} is already a member of project {team.name!r}")
-    _join(team, member)
+    _join(team, member, actor)
     _session().flush()
     return _session().get_one(ProjectMember, (team.id, member.id))
 
 
 @unit_of_work
-def remove_user_from_project(user: User | str, project: Project | str) -> None:
+def remove_user_from_project(user: User | str, project: Project | str, *, actor: str = "") -> None:
+    """A manager who leaves the project stops managing it."""
     session = _session()
     member, team = get_user(user), get_project(project)
     row = session.get(ProjectMember, (team.id, member.id))
@@ -331,8 +334,47 @@ def remove_user_from_project(user: User | str, project: Project | str) -> None:
             f"user {member.name!r} is the PI of project {team.name!r}: name another PI first"
         )
     session.delete(row)
-    session.add(MembershipEvent(project_id=team.id, user_id=member.id, kind="removed"))
+    manager = session.get(ProjectManager, (team.id, member.id))
+    if manager is not None:
+        session.delete(manager)
+    session.add(MembershipEvent(project_id=team.id, user_id=member.id, kind="removed", actor=actor))
     session.flush()
+
+
+@unit_of_work
+def add_project_manager(user: User | str, project: Project | str, *, actor: str = "") -> ProjectManager:
+    """Let a member manage the project's membership with its PI (NERSC Iris's membership manager)."""
+    session = _session()
+    member, team = get_user(user), get_project(project)
+    if not is_member(team, member):
+        raise InvalidInput(f"user {member.name!r} is not a member of project {team.name!r}: add them first")
+    if team.pi_id == member.id:
+        raise InvalidInput(f"user {member.name!r} is the PI of project {team.name!r}, who manages it already")
+    if session.get(ProjectManager, (team.id, member.id)) is not None:
+        raise AlreadyExists(f"user {member.name!r} already manages project {team.name!r}")
+    manager = ProjectManager(project_id=team.id, user_id=member.id, actor=actor)
+    session.add(manager)
+    session.flush()
+    return manager
+
+
+@unit_of_work
+def remove_project_manager(user: User | str, project: Project | str) -> None:
+    session = _session()
+    member, team = get_user(user), get_project(project)
+    manager = session.get(ProjectManager, (team.id, member.id))
+    if manager is None:
+        raise NotFound(f"user {member.name!r} does not manage project {team.name!r}")
+    session.delete(manager)
+    session.flush()
+
+
+@unit_of_work
+def project_managers(project: Project | str) -> list[User]:
+    team = get_project(project)
+    return list(_session().scalars(
+        select(User).join(ProjectManager, ProjectManager.user_id == User.id)
+        .where(ProjectManager.project_id == team.id).order_by(User.name)))
 
 
 @unit_of_work
@@ -344,6 +386,9 @@ def change_project_pi(project: Project | str, pi: User | str) -> Project:
         raise InvalidInput(f"user {leader.name!r} already leads project {team.name!r}")
     if not is_member(team, leader):
         _join(team, leader)
+    manager = session.get(ProjectManager, (team.id, leader.id))
+    if manager is not None:  # the PI manages the project as its PI
+        session.delete(manager)
     team.pi_id = leader.id
     session.add(MembershipEvent(project_id=team.id, user_id=leader.id, kind="pi_changed"))
     session.flush()
@@ -607,10 +652,10 @@ def balance(target: Account | Project | str | None = None, *, at: object = None)
 
 
 __all__ = [
-    "add_user_to_project", "balance", "change_project_pi", "charge", "create_account",
+    "add_project_manager", "add_user_to_project", "balance", "change_project_pi", "charge", "create_account",
     "create_project", "create_service", "create_system", "create_user", "deposit",
     "get_account", "get_project", "get_service", "get_system", "get_user",
-    "grant_service_access", "record_job", "record_transaction", "refund",
-    "remove_user_from_project", "revoke_service_access", "set_service_rate", "transfer",
+    "grant_service_access", "project_managers", "record_job", "record_transaction", "refund",
+    "remove_project_manager", "remove_user_from_project", "revoke_service_access", "set_service_rate", "transfer",
     "Decimal",
 ]

@@ -186,6 +186,29 @@ class Settings(BaseSettings):
         description="Address the Prometheus metrics of --metrics-port listen on: this host only unless "
         "set (0.0.0.0 for every interface, for a Prometheus elsewhere).",
     )
+    api_url: str | None = Field(
+        default=None,
+        description="URL of `openacct api serve` (https://accounting.example.org) that the user commands on a "
+        "login node ask (openacct balance, job cost, estimate), with no database credentials.",
+    )
+    api_admins: list[str] = Field(
+        default=[],
+        description="User names the API treats as administrators: they see and manage every project.",
+    )
+    api_sso_header: str | None = Field(
+        default=None,
+        description="Request header in which the center's single sign-on reverse proxy names the signed-in "
+        "user (X-Remote-User). Believed only from api_trusted_proxies; unset: no SSO.",
+    )
+    api_trusted_proxies: list[str] = Field(
+        default=[],
+        description="Addresses (IPs or CIDRs) of the SSO proxies whose api_sso_header the API believes.",
+    )
+    munge_socket: Path | None = Field(
+        default=None,
+        description="Socket of the munged that `munge` and `unmunge` talk to, where the site's is not MUNGE's "
+        "default (/run/munge/munge.socket.2): for the user commands' credentials and the API's check of them.",
+    )
     debug: bool = False
 
     @field_validator("alert_thresholds")
@@ -228,6 +251,33 @@ class Settings(BaseSettings):
         if not url.startswith(schemes):
             raise ValueError(f"must start with {' or '.join(schemes)}")
         return url
+
+    @field_validator("api_trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        import ipaddress
+
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+        return values
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        from urllib.parse import urlsplit
+
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        # A login node sends a token or a MUNGE credential with every request: in the clear only
+        # to this host's loopback (a test, a tunnel), never across the network.
+        if url.startswith("http://") and urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("must be https:// (credentials go with every request); http:// only to this host")
+        return url.rstrip("/")
 
     @field_validator("database_url")
     @classmethod

@@ -75,8 +75,13 @@ def session_scope() -> Iterator[Session]:
 
     While the block runs, the session is also the *current* one that the shortcuts use.
     """
-    session = new_session()
-    token = _current.set(session)
+    with committed(new_session()) as session, as_current(session):
+        yield session
+
+
+@contextmanager
+def committed(session: Session) -> Iterator[Session]:
+    """Commit ``session`` when the block ends, roll it back if it raises, and close it."""
     try:
         yield session
         session.commit()
@@ -84,8 +89,18 @@ def session_scope() -> Iterator[Session]:
         session.rollback()
         raise
     finally:
-        _current.reset(token)
         session.close()
+
+
+@contextmanager
+def as_current(session: Session) -> Iterator[Session]:
+    """Make ``session`` the current one while the block runs, so that the shortcuts join it.
+    The API's requests open their session in one thread and use it in another: each use says so."""
+    token = _current.set(session)
+    try:
+        yield session
+    finally:
+        _current.reset(token)
 
 
 def current_session() -> Session | None:

@@ -118,6 +118,13 @@ def _lock_accounts(session: Session, *accounts: Account | int) -> None:
         session.execute(text("SELECT openacct_lock_accounts(CAST(:ids AS integer[]))"), {"ids": ids})
 
 
+def lock_accounts(session: Session, *accounts: Account | int) -> None:
+    """Lock these accounts as the ledger's writers do, for a decision that reads their money and
+    must see it stand still until the transaction ends (a member's spending limit, counted over
+    every account of a project: shared/member_limits.py)."""
+    _lock_accounts(session, *accounts)
+
+
 @dataclass(frozen=True)
 class _Entry:
     account_id: int

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
@@ -59,6 +60,11 @@ BUCKETS = ("allocated", "charged", "refunded", "held")
 # What admission control does with a job its account cannot cover (see services/admission).
 ADMISSION_POLICIES = ("reject", "allow", "notify")
 MEMBERSHIP_EVENTS = ("added", "removed", "pi_changed")
+# What a member's spending limit in a project counts: a calendar month (UTC, as statements), or
+# the project's allocations in force (see shared/member_limits.py).
+LIMIT_PERIODS = ("month", "allocation")
+# What an API token lets its holder do: read, or read and manage (membership, managers).
+TOKEN_SCOPES = ("read", "manage")
 
 Timestamp = DateTime(timezone=True)
 
@@ -186,6 +192,42 @@ class MembershipEvent(Base):
     kind: Mapped[str] = mapped_column(String(16))
     at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
     actor: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+
+class ProjectManager(Base):
+    """A user the PI named to manage the project's membership with them (NERSC Iris's
+    membership manager): they see every member's usage and may add and remove members."""
+
+    __tablename__ = "project_managers"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    added_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    actor: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+    user: Mapped[User] = relationship()
+
+
+class ApiToken(Base):
+    """A bearer token of the API. Only the SHA-256 of the secret is kept: the token is shown
+    once, when it is made, and a stolen copy of the table lets nobody in."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint(_one_of("scope", TOKEN_SCOPES), name="scope"),)
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    # None: until revoked.
+    expires_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    actor: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+    user: Mapped[User] = relationship()
 
 
 class Account(Base):
@@ -586,3 +628,25 @@ class StatementIssued(Base):
     cutoff: Mapped[dt.datetime] = mapped_column(Timestamp)
     issued_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
 
+
+class MemberLimit(Base):
+    """The most a member may spend in a project per period (a PI's sub-allocation of the project's
+    money): the member's charges in the project's accounts effective in the period, less their
+    refunds, plus what their running jobs hold, may not pass ``amount``. Admission control refuses
+    a job that would (shared/member_limits.py). It belongs to the membership: removing the member
+    removes it."""
+
+    __tablename__ = "member_limits"
+    __table_args__ = (
+        ForeignKeyConstraint(["project_id", "user_id"], ["project_members.project_id", "project_members.user_id"],
+                             ondelete="CASCADE"),
+        CheckConstraint("amount >= 0", name="amount_not_negative"),
+        CheckConstraint(_one_of("period", LIMIT_PERIODS), name="period"),
+    )
+
+    project_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    amount: Mapped[Decimal] = mapped_column(Money)
+    period: Mapped[str] = mapped_column(String(16))
+    set_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    actor: Mapped[str] = mapped_column(Text, default="", server_default="")

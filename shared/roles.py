@@ -13,6 +13,9 @@ login roles of its own, one per process:
 - ``openacct_admission`` is the admission service's, on the scheduler's host: what the charger
   may, but its ledger entries only hold money and release it, so that host cannot refund.
 - ``openacct_admin`` models the center and moves money by hand, through ledger rows too.
+- ``openacct_api`` is ``openacct api serve``'s: it reads everything and writes membership, the
+  managers a PI names and the API's tokens (that a token was used), and no ledger row: nothing
+  the API offers moves money.
 
 No role may UPDATE, DELETE or TRUNCATE a ledger row, and the owner may not either, short of
 dropping the triggers that refuse it (migrations 0001 and 0011). The database takes a
@@ -32,7 +35,10 @@ OWNER = "openacct_owner"
 LEDGER = ("ledger_transactions", "ledger_entries")
 CENTER = ("systems", "services", "service_rates", "users", "projects", "project_members",
           "membership_events", "accounts", "service_grants", "allocations", "aliases",
-          "resource_services", "charge_multipliers")
+          "resource_services", "charge_multipliers",
+          "member_limits")  # what a PI caps a member's spending at (read by admission control)
+# Who may reach the API and manage a project's membership besides its PI.
+ACCESS = ("api_tokens", "project_managers")
 RECORDS = ("account_balances", "jobs", "processed_events", "parked_events", "task_deliveries", "alerts_sent",
            "usage_daily", "usage_rollups", "open_holds", "statements_issued", "ledger_misshapen",
            "alembic_version")  # read by `openacct health`: is the schema at head?
@@ -50,19 +56,26 @@ WORKER: list[tuple[str, tuple[str, ...]]] = [
 
 # role -> [(privileges, tables)]
 ROLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
-    "openacct_reader": [("SELECT", CENTER + LEDGER + RECORDS)],
+    "openacct_reader": [("SELECT", CENTER + LEDGER + RECORDS + ACCESS)],
     "openacct_charger": WORKER,
     "openacct_admission": WORKER,
     "openacct_admin": [
-        ("SELECT", CENTER + LEDGER + RECORDS),
-        ("INSERT, UPDATE", CENTER + ("jobs", "processed_events", "parked_events", "task_deliveries",
-                                     "alerts_sent")),
-        ("DELETE", ("project_members",)),
+        ("SELECT", CENTER + LEDGER + RECORDS + ACCESS),
+        ("INSERT, UPDATE", CENTER + ACCESS + ("jobs", "processed_events", "parked_events", "task_deliveries",
+                                              "alerts_sent")),
+        ("DELETE", ("project_members", "project_managers", "member_limits")),
         ("INSERT", LEDGER + ("statements_issued",)),
         # reports run by hand: the usage rollup, holds expired
         ("INSERT, DELETE", ("usage_daily",)),
         ("INSERT, UPDATE", ("usage_rollups",)),
         ("INSERT, UPDATE, DELETE", ("open_holds",)),
+    ],
+    "openacct_api": [
+        ("SELECT", CENTER + LEDGER + RECORDS + ACCESS),
+        ("INSERT, DELETE", ("project_members", "project_managers")),
+        ("INSERT", ("membership_events",)),
+        ("UPDATE (last_used_at)", ("api_tokens",)),  # never its hash, scope, expiry or revocation
+        ("INSERT, UPDATE, DELETE", ("member_limits",)),  # a PI caps a member's spending
     ],
 }
 # The ledger's functions that a role calls itself (trigger functions are called by the triggers).

@@ -826,7 +826,8 @@ def test_an_unreachable_database_is_one_error_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("config", "env", "names"), [
     ("", {"OPENACCT_TIMEZONE": "Mars/Olympus"}, ["timezone", "'Mars/Olympus'"]),
     ("timezone = \n[broken\n", {}, ["openacct.toml", "cannot be read"]),
-], ids=["unknown-timezone", "malformed-config-file"])
+    ("", {"OPENACCT_API_URL": "http://api.example.org"}, ["api_url", "must be https://"]),
+], ids=["unknown-timezone", "malformed-config-file", "api-over-plain-http"])
 def test_a_bad_configuration_is_one_clear_line(tmp_path: Path, config: str, env: dict[str, str], names: list[str]) -> None:
     line = assert_one_error_line(openacct_process(tmp_path, config, **env))
     for name in names:

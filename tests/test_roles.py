@@ -23,11 +23,13 @@ from services.charger.batch import charge_events
 from shared import db, roles, signing
 from shared.celery_app import TASKS
 from shared.db import session_scope
+from shared.ledger import now as ledger_now
 from shared.migrate import upgrade
 from shared.models import Base, LedgerTransaction
 from tests.conftest import QUICKSTART
 from tests.events import job_completed, raw
 from tests.pipeline import Process, wait_for
+from tests.test_schema import HEAD
 
 D = Decimal
 
@@ -71,7 +73,7 @@ def test_the_charger_role_charges_a_batch(as_role, db_connection: Connection) ->
     assert row.charged > 0  # added up by the owner's trigger, not by the charger
 
 
-@pytest.mark.parametrize("role", ["openacct_charger", "openacct_admin", "openacct_reader"])
+@pytest.mark.parametrize("role", ["openacct_charger", "openacct_admin", "openacct_reader", "openacct_api"])
 def test_no_role_rewrites_the_ledger_or_the_balances(as_role, db_connection: Connection, role: str) -> None:  # type: ignore[no-untyped-def]
     as_role(role)
     assert refused(db_connection, "UPDATE ledger_transactions SET amount = 0")
@@ -118,6 +120,29 @@ def test_nobody_truncates_the_ledger_not_even_its_owner(as_role, db_connection: 
     assert "cannot be truncated" in refusal(db_connection, "TRUNCATE ledger_entries")
 
 
+def test_the_api_role_manages_membership_and_moves_no_money(as_role, db_connection: Connection) -> None:  # type: ignore[no-untyped-def]
+    """What ``openacct api serve`` writes: members and managers (through the shortcuts, as its
+    endpoints do) and a token's last use; never a ledger row, an account or an allocation."""
+    from openacct import shortcuts
+    from openacct.api import tokens
+
+    with session_scope() as s:
+        _, token = tokens.create(s, shortcuts.get_user("bob"), scope="manage", expires_days=None)
+    as_role("openacct_api")
+    with session_scope() as s:
+        shortcuts.add_user_to_project("sue", "phys", actor="api:bob")
+        shortcuts.add_project_manager("sue", "phys", actor="api:bob")
+        shortcuts.remove_user_from_project("sue", "phys", actor="api:bob")  # and stops managing
+        row = tokens.find(s, token)
+        assert row is not None
+        row.last_used_at = None
+        tokens.note_use(row, ledger_now())
+    assert refused(db_connection, _forged_deposit(db_connection))
+    assert refused(db_connection, "UPDATE allocations SET credit_limit = 1000000")
+    assert refused(db_connection, "INSERT INTO api_tokens (user_id, token_hash, scope) VALUES (1, 'x', 'manage')")
+    assert refused(db_connection, "UPDATE projects SET pi_id = (SELECT id FROM users WHERE name = 'tux')")
+
+
 def test_every_table_has_its_grants() -> None:
     """A table a migration adds without a line in ROLES would be unreadable to every process."""
     named = {table for grants in roles.ROLES.values() for _, tables in grants for table in tables}
@@ -139,7 +164,7 @@ def test_roles_are_idempotent_and_every_upgrade_keeps_the_grants(scratch_engine:
         at_0010 = _privileges(conn)
         roles.apply(conn)
         assert _privileges(conn) == at_0010
-    assert upgrade(scratch_engine) == "0012"  # run under the owner, grants made anew
+    assert upgrade(scratch_engine) == HEAD  # run under the owner, grants made anew
     with scratch_engine.begin() as conn:
         after = _privileges(conn)
         assert {owner for owner, table, kind in after if kind == ""} == {roles.OWNER}

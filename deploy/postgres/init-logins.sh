@@ -13,7 +13,7 @@
 set -eu
 : "${POSTGRES_USER:?}" "${POSTGRES_DB:?}" "${MIGRATE_DB_PASSWORD:?}" "${CHARGER_DB_PASSWORD:?}" \
   "${REFUNDER_DB_PASSWORD:?}" "${REPORTER_DB_PASSWORD:?}" "${BEAT_DB_PASSWORD:?}" "${RELAY_DB_PASSWORD:?}" \
-  "${ADMISSION_DB_PASSWORD:?}" "${ADMIN_DB_PASSWORD:?}"
+  "${ADMISSION_DB_PASSWORD:?}" "${ADMIN_DB_PASSWORD:?}" "${API_DB_PASSWORD:?}"
 psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" --no-psqlrc <<'SQL'
 \getenv database POSTGRES_DB
 \getenv migrate MIGRATE_DB_PASSWORD
@@ -24,12 +24,14 @@ psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" --no
 \getenv relay RELAY_DB_PASSWORD
 \getenv admission ADMISSION_DB_PASSWORD
 \getenv admin ADMIN_DB_PASSWORD
+\getenv api API_DB_PASSWORD
 
 CREATE ROLE openacct_owner NOLOGIN;
 CREATE ROLE openacct_reader NOLOGIN;
 CREATE ROLE openacct_charger NOLOGIN;
 CREATE ROLE openacct_admission NOLOGIN;
 CREATE ROLE openacct_admin NOLOGIN;
+CREATE ROLE openacct_api NOLOGIN;
 ALTER DATABASE :"database" OWNER TO openacct_owner;
 
 -- openacct db upgrade and db roles (the migrate service)
@@ -44,4 +46,6 @@ CREATE ROLE relay LOGIN PASSWORD :'relay' IN ROLE openacct_reader;
 CREATE ROLE admission LOGIN PASSWORD :'admission' IN ROLE openacct_admission;
 -- administrators' CLI (the cli service, or deploy/env/admin.env)
 CREATE ROLE admin LOGIN PASSWORD :'admin' IN ROLE openacct_admin;
+-- the API and portal (deploy/systemd/openacct-api.service, deploy/env/api.env)
+CREATE ROLE api LOGIN PASSWORD :'api' IN ROLE openacct_api;
 SQL

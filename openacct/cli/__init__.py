@@ -17,7 +17,20 @@ from typer._click.exceptions import (  # typer >= 0.29 ships its own click
     UsageError,
 )
 
-from openacct.cli import admission, center, health, local, money, pipeline, publish, refunds, reports
+from openacct.cli import (
+    admission,
+    api,
+    center,
+    health,
+    local,
+    money,
+    pipeline,
+    publish,
+    refunds,
+    reports,
+    user,
+)
+from openacct.cli.limits import limit_app
 from openacct.cli.output import NEGATIVE_AMOUNTS, printable
 from openacct.cli.shell import shell
 from shared.errors import OpenAcctError
@@ -116,7 +129,11 @@ app.add_typer(center.system_app, name="system")
 app.add_typer(center.service_app, name="service")
 app.add_typer(center.user_app, name="user")
 app.add_typer(center.project_app, name="project")
+center.project_app.add_typer(api.manager_app, name="manager")
+app.add_typer(api.api_app, name="api")
+app.add_typer(api.token_app, name="token")
 app.add_typer(center.member_app, name="member")
+app.add_typer(limit_app, name="limit")
 app.add_typer(center.account_app, name="account")
 app.add_typer(center.slurm_app, name="slurm")
 app.add_typer(admission.admission_app, name="admission")
@@ -128,6 +145,8 @@ app.command("charge")(money.charge)
 app.command("transfer", context_settings=NEGATIVE_AMOUNTS)(money.transfer)
 app.command("balance")(money.balance)
 app.command("quote")(money.quote)
+app.command("estimate")(user.estimate)
+pipeline.job_app.command("cost")(user.job_cost)
 app.command("transactions")(money.transactions)
 app.add_typer(money.ledger_app, name="ledger")
 app.command("shell")(shell)

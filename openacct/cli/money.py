@@ -9,8 +9,9 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import aliased
 
 from openacct import shortcuts as sc
+from openacct.cli.limits import COLUMNS as LIMIT_COLUMNS
 from openacct.cli.output import JsonFlag, done, emit_json, emit_rows
-from shared import ledger
+from shared import ledger, member_limits
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.errors import InvalidInput
@@ -74,20 +75,32 @@ def transfer(
 
 
 def balance(
-    target: Annotated[str | None, typer.Argument(metavar="[PROJECT|ACCOUNT]", help="Default: every active project.")] = None,
+    target: Annotated[str | None, typer.Argument(metavar="[PROJECT|ACCOUNT]", help="Default: every active project; with api_url set, yours, from the API.")] = None,
     at: Annotated[str | None, typer.Option(help="Balance as it stood at this time.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Allocated, charged, refunded, held and available money, with the credit limit."""
-    with session_scope():
+    """Allocated, charged, refunded, held and available money, with the credit limit; of a
+    project, also its members' spending limits, what each spent of theirs and what is left. With
+    api_url set and no name (or on a login node, without database_url): the caller's projects,
+    from the API."""
+    from openacct.cli import user
+
+    if user.asks_the_api(target):  # a login node: the caller's projects, from the API
+        user.my_balance(target, at=at, as_json=as_json)
+        return
+    with session_scope() as s:
         result = sc.balance(target, at=at)
+        project = s.scalar(select(Project).where(Project.name == target)) if target and at is None else None
+        limits = member_limits.uses(s, project) if project is not None else []
     if target is not None and not isinstance(result, list):
         if as_json:
-            emit_json(result.as_dict())
+            emit_json({**result.as_dict(), **({"limits": [u.as_dict() for u in limits]} if limits else {})})
             return
         result = [result]
     assert isinstance(result, list)
     emit_rows([b.amounts() for b in result], BALANCE_COLUMNS, as_json=as_json)
+    if limits:
+        emit_rows([u.amounts() for u in limits], LIMIT_COLUMNS[1:], as_json=False, title="member limits")
 
 
 def transactions(

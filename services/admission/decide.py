@@ -7,6 +7,10 @@ much of its account's money under the account's (or system's, or site's) policy:
 | allow  | held; the job starts | what fits is held; the job starts |
 | notify | held; the job starts | all of it is held, past the credit limit; the job starts |
 
+A job that would take its user past the spending limit their PI set for them in the project
+(shared/member_limits.py) is refused under reject, and started under allow and notify with the
+reason logged, as a job its account cannot cover.
+
 The hold is the ledger's, keyed by the job's run (system, job id, array task, submit time, restart
 count), so a prolog run twice holds once. The job's charge at its end releases it (the charger,
 in the same transaction); a job that never reports back has its hold expire ``hold_grace`` after
@@ -22,13 +26,15 @@ from decimal import Decimal
 from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import ledger
+from shared import ledger, member_limits
 from shared.config import Settings
 from shared.errors import InsufficientFunds
 from shared.jobs import upsert_jobs
-from shared.models import Account, Job, System
+from shared.member_limits import MemberUse
+from shared.models import Account, Job, LedgerTransaction, MemberLimit, System
 from shared.money import money_str
 from shared.rating.directory import Directory, Unresolved
 from shared.rating.jobs import REFUSED
@@ -99,9 +105,17 @@ def decide(session: Session, request: AdmissionRequest, settings: Settings) -> D
     account = session.get_one(Account, priced.account_id)
     policy = _policy(account, session.get(System, priced.system_id), settings)
     key = f"hold/{request.run_key}"
+    # A member with a spending limit: the project's accounts are locked first (before the locks
+    # below, in one order), so that what counts against the cap stands still while we decide.
+    cap = member_limits.capped(session, account, priced.user_id)
     # Whatever this job's earlier runs hold is theirs no longer, admitted or not this time.
     ledger.release_earlier_runs(session, priced.system_id, request.job_id, request.array_task_id, keep=key,
                                 account=account, actor="admission")
+    over = _over_cap(session, cap, key, priced, request.start_time)
+    if over is not None and policy == "reject":
+        _record_job(session, request, priced, minutes, refused=True)  # as a job its account cannot cover
+        log.info("job %s: %s", request.job_id, _over(over, priced, minutes, amounts=True))
+        return Decision(False, policy, _over(over, priced, minutes), priced.total)
     expires = request.start_time + dt.timedelta(minutes=minutes, seconds=settings.hold_grace)
     limit, fit = {"reject": ("credit", False), "allow": ("credit", True), "notify": ("none", False)}[policy]
     refused = session.begin_nested()  # a job that does not start leaves no row behind
@@ -121,10 +135,13 @@ def decide(session: Session, request: AdmissionRequest, settings: Settings) -> D
     refused.commit()
     amount = held.amount if held is not None else Decimal(0)
     reason = f"held {money_str(amount)} of {account.name!r} for at most {minutes} min"
-    if amount < priced.total or priced.total > priced.available + priced.credit_limit:
-        log.warning("job %s: %s; started under policy %s, %s", request.job_id, _short(priced, minutes, amounts=True),
-                    policy, reason)
-        reason = f"{_short(priced, minutes)}; started under policy {policy}, {reason}"
+    short = amount < priced.total or priced.total > priced.available + priced.credit_limit
+    if over is not None or short:
+        def why(amounts: bool) -> str:
+            return "; ".join([*([_over(over, priced, minutes, amounts=amounts)] if over else []),
+                              *([_short(priced, minutes, amounts=amounts)] if short else [])])
+        log.warning("job %s: %s; started under policy %s, %s", request.job_id, why(True), policy, reason)
+        reason = f"{why(False)}; started under policy {policy}, {reason}"
     return Decision(True, policy, reason, priced.total, amount, held.id if held is not None else None)
 
 
@@ -135,6 +152,26 @@ def _short(priced: Quote, minutes: int, *, amounts: bool = False) -> str:
             f"({minutes} min limit)")
     if amounts:
         said += f", {money_str(priced.available)} available, credit limit {money_str(priced.credit_limit)}"
+    return said
+
+
+def _over_cap(session: Session, cap: MemberLimit | None, key: str, priced: Quote, at: dt.datetime) -> MemberUse | None:
+    """What the job's user has spent against their cap in the project, when the job would pass it;
+    None when it fits, they have no cap, or this run was admitted before (its hold counts in what
+    they spent, and the ledger gives that hold back again)."""
+    if cap is None or session.scalar(select(LedgerTransaction.id).where(LedgerTransaction.idempotency_key == key)):
+        return None
+    use = member_limits.use_of(session, cap, at)
+    return None if use.fits(priced.total) else use
+
+
+def _over(use: MemberUse, priced: Quote, minutes: int, *, amounts: bool = False) -> str:
+    """Why the job passes its user's cap. The AdminComment gets no figure but the job's own cost
+    (as ``_short``); the log gets what was spent of the cap (``amounts``)."""
+    said = (f"the spending limit of user {use.user!r} in project {use.project!r} (per {use.period}) cannot cover "
+            f"this job: it may cost up to {money_str(priced.total)} ({minutes} min limit)")
+    if amounts:
+        said += f", {money_str(use.spent)} spent of {money_str(use.cap)} since {use.since.isoformat()}"
     return said
 
 

@@ -141,9 +141,10 @@ def usage_now(session: Session, first: dt.date, last: dt.date) -> Subquery:
     return union_all(rolled, added_up).subquery() if settled else added_up.subquery()
 
 
-def report(session: Session, first: dt.date, last: dt.date, by: list[str]) -> list[dict[str, Any]]:
+def report(session: Session, first: dt.date, last: dt.date, by: list[str], *,
+           project_id: int | None = None, user_id: int | None = None) -> list[dict[str, Any]]:
     """Usage of the days ``first`` to ``last`` as the ledger stands now (``usage_now``), summed by
-    the given dimensions, biggest charge first."""
+    the given dimensions, biggest charge first; of one project, or one user's, if given."""
     unknown = [b for b in by if b not in DIMENSIONS]
     if unknown or not by:
         raise ValueError(f"break usage down by one or more of {', '.join(DIMENSIONS)}, not {', '.join(unknown) or 'nothing'}")
@@ -169,6 +170,8 @@ def report(session: Session, first: dt.date, last: dt.date, by: list[str]) -> li
         .join(System, System.id == u.system_id)
         .join(Service, Service.id == u.service_id)
         .outerjoin(User, User.id == u.user_id)
+        .where(*([u.project_id == project_id] if project_id is not None else []),
+               *([u.user_id == user_id] if user_id is not None else []))
         .group_by(*keys)
         .order_by(text("net DESC"), *keys)
     )
