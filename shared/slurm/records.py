@@ -1,12 +1,16 @@
-"""Slurm hook environments turned into OpenAcct job events (variables as Slurm 22.05 sets them).
+"""Slurm's records of jobs turned into OpenAcct job events (as Slurm 22.05 writes them).
 
-jobcomp/script tells everything about a finished job. PrologSlurmctld and EpilogSlurmctld tell no
+jobcomp/script tells everything about a finished job, and so does jobcomp/elasticsearch, whose
+records are read here as the jobcomp/script environment of the same job: both give one event, with
+one id, whichever way a job was reported. PrologSlurmctld and EpilogSlurmctld tell no
 time at all: the prolog's clock is taken as the start (Slurm counts the prolog in the job's
 elapsed time) and the epilog's as the end; ``ctld_state`` carries the start from one to the other.
 """
 
 from __future__ import annotations
 
+import calendar
+import time
 from collections.abc import Callable, Mapping
 
 from shared.job_event import BadInput, job_event
@@ -17,7 +21,8 @@ StartLookup = Callable[[str, str, int | None], int | None]
 
 
 def jobcomp_event(env: Mapping[str, str], now: int, default_system: str | None,
-                  source: str = "slurm-jobcomp") -> dict[str, object]:
+                  source: str = "slurm-jobcomp", gpus: int | None = None) -> dict[str, object]:
+    """``gpus``: when the record tells them (jobcomp/script does not; admission control then does)."""
     job_id = v.job_id(env, "JOBID")  # read first: without it, nothing else is worth a reason
     array_job_id, array_task_id = v.array_task(env, "ARRAYJOBID", "ARRAYTASKID")
     end = v.epoch(env, "END")
@@ -45,7 +50,67 @@ def jobcomp_event(env: Mapping[str, str], now: int, default_system: str | None,
         "cpus": v.number(env, "PROCS"),
         "time_limit_minutes": v.time_limit_minutes(env.get("LIMIT")),
     }
+    if gpus is not None:
+        job["gpus"] = gpus
     return job_event("job.completed", source, now, job)
+
+
+class WrongSystem(BadInput):
+    """A record that names another cluster than the system it was sent for."""
+
+
+# jobcomp/elasticsearch field -> the jobcomp/script variable that carries the same value.
+_ELASTICSEARCH_AS_JOBCOMP = {
+    "jobid": "JOBID", "username": "USERNAME", "account": "ACCOUNT", "partition": "PARTITION",
+    "qos": "QOS", "state": "JOBSTATE", "exit_code": "EXITCODE", "total_nodes": "NODECNT",
+    "nodes": "NODES", "total_cpus": "PROCS", "job_name": "JOBNAME", "array_job_id": "ARRAYJOBID",
+    "array_task_id": "ARRAYTASKID",
+}
+_ELASTICSEARCH_TIMES = {"@submit": "SUBMIT", "@start": "START", "@end": "END"}
+
+
+def elasticsearch_event(record: Mapping[str, object], system: str, now: int) -> dict[str, object]:
+    """One document that Slurm's jobcomp/elasticsearch plugin POSTs, as the event of the job.
+
+    The plugin writes times with ``gmtime_r`` (jobcomp_elasticsearch.c, ``_make_time_str``):
+    UTC without a zone, and "Unknown" for Slurm's 0. It names the cluster only when slurmdbd
+    gave the job an association: then it must be ``system``, the one the URL names.
+    """
+    cluster = record.get("cluster")
+    if cluster is not None and cluster != system:
+        raise WrongSystem(f"the record is of cluster {cluster!r}, sent to the URL of system {system!r}")
+    env = {variable: _scalar(record, field) for field, variable in _ELASTICSEARCH_AS_JOBCOMP.items()
+           if record.get(field) is not None}
+    env.update({variable: _epoch_of_utc(record, field) for field, variable in _ELASTICSEARCH_TIMES.items()})
+    if env["SUBMIT"] == "0":
+        env["SUBMIT"] = env["START"]  # no job details: jobcomp/script gives the start (jobcomp_script.c)
+    limit = record.get("time_limit")  # seconds; absent when the job has none
+    env["LIMIT"] = str(limit // 60) if type(limit) is int and limit >= 0 else "UNLIMITED"
+    tres = record.get("tres_alloc")
+    if tres is not None and not isinstance(tres, str):
+        raise BadInput(f"tres_alloc is {tres!r}, not a TRES string")
+    return jobcomp_event(env, now, system, "slurm-elasticsearch", gpus=v.gpus(tres))
+
+
+def _scalar(record: Mapping[str, object], field: str) -> str:
+    value = record[field]
+    if type(value) is int or isinstance(value, str):
+        return str(value)
+    raise BadInput(f"{field} is {value!r}, not a number or a string")
+
+
+def _epoch_of_utc(record: Mapping[str, object], field: str) -> str:
+    """Epoch seconds of the plugin's ``YYYY-MM-DDTHH:MM:SS`` (UTC); "0" for Unknown or absent."""
+    value = record.get(field, "Unknown")
+    if value == "Unknown":
+        return "0"
+    if not isinstance(value, str) or len(value) != 19 or value[10] != "T":
+        raise BadInput(f"{field} is {value!r}, not a time such as 2026-12-06T07:54:46")
+    try:
+        moment = time.strptime(value, "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        raise BadInput(f"{field} is {value!r}, not a time such as 2026-12-06T07:54:46") from None
+    return str(calendar.timegm(moment))
 
 
 def _ctld_job(env: Mapping[str, str], default_system: str | None) -> dict[str, object]:

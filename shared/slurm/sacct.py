@@ -17,6 +17,8 @@ import subprocess
 from dataclasses import dataclass
 
 from shared.errors import InvalidInput, OpenAcctError
+from shared.job_event import BadInput
+from shared.slurm import values as v
 
 # JobName last: it is the one field a user writes freely.
 FIELDS = ("JobIDRaw", "JobID", "Cluster", "Submit", "Start", "End", "State", "ExitCode", "User",
@@ -53,11 +55,11 @@ class Record:
 
     @property
     def gpus(self) -> int:
-        """GPUs allocated (``gres/gpu=N`` in AllocTRES; typed entries sum up when untyped is absent)."""
-        tres = dict(part.partition("=")[::2] for part in self.fields["AllocTRES"].split(",") if "=" in part)
-        if tres.get("gres/gpu", "").isdigit():
-            return int(tres["gres/gpu"])
-        return sum(int(v) for k, v in tres.items() if k.startswith("gres/gpu:") and v.isdigit())
+        """GPUs allocated (AllocTRES), by the one rule of ``values.gpus``; 0 for none or an unreadable count."""
+        try:
+            return v.gpus(self.fields["AllocTRES"]) or 0
+        except BadInput:
+            return 0
 
     def jobcomp_env(self) -> dict[str, str]:
         """The record as the jobcomp/script environment of the same job."""

@@ -137,3 +137,19 @@ def time_limit_minutes(value: str | None) -> int | None:
         hours, minutes, seconds = 0, numbers[0], numbers[1] if len(numbers) == 2 else 0
     total = hours * 60 + minutes + seconds // 60
     return None if total >= NO_LIMIT_MINUTES else total
+
+
+def gpus(tres: str | None) -> int | None:
+    """GPUs in a TRES string such as ``cpu=4,node=1,billing=4,gres/gpu=2``; None when it names
+    none. Slurm writes a typed request both as its type (``gres/gpu:a100=2``) and as the total
+    (``gres/gpu=2``): the total is taken, and typed counts are summed only when it is missing."""
+    counts = {}
+    for part in (tres or "").split(","):
+        name, _, count = part.partition("=")
+        if name == "gres/gpu" or name.startswith("gres/gpu:"):
+            if not (count.isascii() and count.isdigit()):
+                raise BadInput(f"{name}={count!r} in TRES {tres!r} is not a GPU count")
+            counts[name] = int(count)
+    if "gres/gpu" in counts:
+        return counts["gres/gpu"]
+    return sum(counts.values()) if counts else None

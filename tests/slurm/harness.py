@@ -63,7 +63,7 @@ from pathlib import Path
 
 from tests.pipeline import Process, free_port, wait_for
 
-PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client", "slurmdbd"]
+PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client", "slurmdbd", "slurm-wlm-elasticsearch-plugin"]
 BINARIES = ["munged", "munge", "slurmctld", "slurmd", "slurmdbd", "sbatch", "srun", "scancel",
             "scontrol", "sacct", "sacctmgr", "sinfo", "squeue"]
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -82,7 +82,12 @@ def _which(name: str) -> str | None:
 
 
 def missing_binaries() -> list[str]:
-    return [b for b in BINARIES if _which(b) is None]
+    """Slurm's programs, and the jobcomp/elasticsearch plugin, that this machine lacks."""
+    missing = [b for b in BINARIES if _which(b) is None]
+    plugins = [Path(d) / "slurm-wlm" for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")]
+    if not any((d / "jobcomp_elasticsearch.so").exists() for d in plugins):
+        missing.append("jobcomp_elasticsearch.so")
+    return missing
 
 
 def install() -> None:
@@ -152,6 +157,7 @@ class Slurm:
             "OPENACCT_CONFIG": str(empty_config),
         }
         self.hooks: dict[str, str] = {}  # slurm.conf option -> openacct hook name
+        self.daemon_tz = "UTC"  # the daemons' TZ, from their next start
         d = directory
         # CPUs beyond the real ones (SlurmdParameters=config_overrides) let jobs run side by side.
         self.options: dict[str, str | None] = {
@@ -292,8 +298,8 @@ class Slurm:
             raise
 
     def _daemon(self, name: str, args: list[str]) -> Process:
-        # Nothing of ours leaks into jobs; TZ makes the log's timestamps UTC.
-        env = {"PATH": SBIN_PATH, "SLURM_CONF": str(self.conf), "TZ": "UTC"}
+        # Nothing of ours leaks into jobs; TZ makes the log's timestamps UTC (unless a test says).
+        env = {"PATH": SBIN_PATH, "SLURM_CONF": str(self.conf), "TZ": self.daemon_tz}
         process = Process(args, env, self.directory / "log" / f"{name}.stderr", program=_which(name) or name)
         self.processes[name] = process.start()
         return process

@@ -63,12 +63,12 @@ def charged(engine: Engine, records: Iterable[dict[str, str]]) -> dict[str, list
     return found
 
 
-def wait_until_recorded(engine: Engine, records: list[dict[str, str]], spool_dir: Path) -> None:
+def wait_until_recorded(engine: Engine, records: list[dict[str, str]], spool_dir: Path, timeout: float = 60) -> None:
     def done() -> bool:
         return None not in charged(engine, records).values() and spool.backlog(spool_dir)[0] == 0
 
     try:
-        wait_for(done, 60, "the ledger to record every job")
+        wait_for(done, timeout, "the ledger to record every job")
     except AssertionError:
         with Session(engine) as s:
             parked = s.scalars(select(ParkedEvent.reason)).all()
