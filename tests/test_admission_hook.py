@@ -129,7 +129,8 @@ def test_with_the_database_unreachable_the_service_says_so_and_the_prolog_fails_
 def test_a_call_that_ignores_the_deadline_is_ended_by_the_alarm_and_the_start_still_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from openacct.hooks import admission, run
+    from shared.slurm import admission
+    from shared.slurm import hook as run
 
     (tmp_path / "openacct.toml").write_text("")
     for name, value in {"CONFIG": str(tmp_path / "openacct.toml"), "SPOOL_DIR": str(tmp_path / "spool"),

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from openacct.cli import run as cli
-from openacct.hooks import run
 from shared import spool
 from shared.config import get_settings
 from shared.events import parse_event
 from shared.job_event import BadInput, encode
 from shared.slurm import ctld_state
+from shared.slurm import hook as run
 from shared.slurm import records as slurm
 from shared.slurm import values as slurm_values
 

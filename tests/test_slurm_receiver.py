@@ -285,3 +285,16 @@ def test_a_gpu_job_reported_by_the_plugin_is_charged_gpu_hours_without_admission
     with Session(center) as s:
         job = s.scalar(select(Job).where(Job.job_id == "1"))
         assert job is not None and job.gpus == 2
+
+
+def test_the_receiver_needs_no_database_driver_nor_celery() -> None:
+    """It runs beside slurmctld, where OpenAcct's heavier dependencies need not be importable."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import shared.slurm.receiver"],
+                          capture_output=True, text=True, timeout=60)
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0]
+                for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert done.returncode == 0 and "shared" in imported, done.stderr[-2000:]
+    assert imported & {"pydantic", "sqlalchemy", "celery", "kombu", "typer", "psycopg"} == set()

@@ -30,6 +30,6 @@ def main(argv: Sequence[str]) -> int:
         # A wrong hook name is a deployment mistake, not input: say so loudly, at once.
         print(USAGE, file=sys.stderr)
         return 2
-    from openacct.hooks.run import run
+    from shared.slurm.hook import run
 
     return run(argv[0], os.environb)

@@ -43,7 +43,7 @@ def _spool_event(hook: str, env: dict[str, str], now: int, settings: HookSetting
     elif hook == "slurm-prologctld":
         event = slurm.prologctld_event(env, now, default_system)
         if settings.admission_socket:
-            from openacct.hooks import admission  # its imports cost milliseconds the others need not pay
+            from shared.slurm import admission  # its imports cost milliseconds the others need not pay
 
             verdict = admission.check(env, event, settings, now)
             print(f"openacct hook {hook}: job {event['job_id']}: {verdict.reason}", file=sys.stderr)
