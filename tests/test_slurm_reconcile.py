@@ -450,3 +450,27 @@ def test_where_the_epilog_reports_ends_a_job_admission_recorded_with_its_submit_
     assert charges() == 1
     with session_scope() as s:
         assert ledger.verify(s) == []
+
+
+def test_sacct_is_asked_one_bounded_window_at_a_time_and_never_for_a_list_of_jobs(
+    captured_sacct: Path, tmp_path: Path
+) -> None:
+    """slurmdbd answers a short window at once; a long job id list has held it for minutes."""
+    calls = tmp_path / "calls"
+    text = captured_sacct.read_text().replace(
+        "import sys\n", f"import sys\nopen({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n", 1)
+    captured_sacct.write_text(text)
+    since = dt.datetime(2026, 12, 4, 12, tzinfo=dt.UTC)
+    found, _ = sacct.query(since, since + dt.timedelta(hours=4, minutes=30), None)
+    asked = [line.split() for line in calls.read_text().splitlines()]
+    windows = [(args[args.index("-S") + 1], args[args.index("-E") + 1]) for args in asked]
+    assert windows == [("2026-12-04T11:59:59", "2026-12-04T13:00:01"), ("2026-12-04T12:59:59", "2026-12-04T14:00:01"),
+                       ("2026-12-04T13:59:59", "2026-12-04T15:00:01"), ("2026-12-04T14:59:59", "2026-12-04T16:00:01"),
+                       ("2026-12-04T15:59:59", "2026-12-04T16:30:01")]
+    assert not any(flag in args for args in asked for flag in ("-j", "--jobs"))
+    # Every captured job ended in the span, each once however
+    # many windows printed it.
+    once, _ = sacct.query(since, since + dt.timedelta(hours=4, minutes=30), None, window=dt.timedelta(days=1))
+    assert len(found) == 16 and sorted(r.line for r in found) == sorted(r.line for r in once)
+    assert len(found) == len(set(
+        (r.fields["JobIDRaw"], r.fields["Submit"]) for r in found))

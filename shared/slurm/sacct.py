@@ -31,6 +31,7 @@ FIELDS = ("JobIDRaw", "JobID", "Cluster", "Submit", "Start", "End", "State", "Ex
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "REQUEUED",
          "BOOT_FAIL", "DEADLINE", "REVOKED")
 TIMEOUT = 120
+WINDOW = dt.timedelta(hours=1)  # what one sacct call asks slurmdbd for, at most
 NO_VAL = "4294967294"  # jobcomp's ARRAYTASKID of a job that is no array task
 NEVER_ALLOCATED = ("None assigned", "")
 SACCT_TIME = "%Y-%m-%dT%H:%M:%S"
@@ -150,10 +151,27 @@ def command(sacct: str, since: dt.datetime, until: dt.datetime, cluster: str | N
             "-s", ",".join(ENDED), *(["-M", cluster] if cluster else []), "-o", ",".join(FIELDS)]
 
 
-def query(since: dt.datetime, until: dt.datetime, cluster: str | None) -> tuple[list[Record], list[str]]:
-    """The records of jobs that ended in [since, until), read from sacct."""
+def query(since: dt.datetime, until: dt.datetime, cluster: str | None,
+          window: dt.timedelta = WINDOW) -> tuple[list[Record], list[str]]:
+    """The records of jobs that ended in [since, until), read from sacct one ``window`` at a time:
+    slurmdbd answers a bounded window quickly, where one query over months (or a long job id
+    list) has been seen to hold it for minutes."""
     if until <= since:
         raise InvalidInput(f"--until {until.isoformat()} is not after --since {since.isoformat()}")
+    records: list[Record] = []
+    unreadable: list[str] = []
+    start = since
+    while start < until:
+        stop = min(start + window, until)
+        found, bad = _query_window(start, stop, cluster, first=start == since)
+        records += found
+        unreadable += bad
+        start = stop
+    return records, unreadable
+
+
+def _query_window(since: dt.datetime, until: dt.datetime, cluster: str | None,
+                  first: bool) -> tuple[list[Record], list[str]]:
     delimiter = f"~{secrets.token_hex(6)}~"
     # One second wider on each side: sacct's window has second resolution; the exact one is ours.
     args = command(sacct_path(), since - dt.timedelta(seconds=1), until + dt.timedelta(seconds=1), cluster, delimiter)
@@ -171,4 +189,5 @@ def query(since: dt.datetime, until: dt.datetime, cluster: str | None) -> tuple[
         raise SacctUnavailable(f"sacct failed (exit {result.returncode}): {lines[-1] if lines else 'no message'}")
     records, unreadable = parse(result.stdout, delimiter)
     start, stop = int(since.timestamp()), int(until.timestamp())
-    return [r for r in records if r.end is None or start <= r.end < stop], unreadable
+    # Each end falls in one window; a record without one is kept once, from the first.
+    return [r for r in records if (r.end is None and first) or (r.end is not None and start <= r.end < stop)], unreadable
