@@ -393,7 +393,8 @@ def test_there_is_a_unit_for_every_process() -> None:
     for path in unit_paths():
         for line in read_unit(path)["Service"]["ExecStart"]:
             commands.add(" ".join(shlex.split(line)[1:3]))
-    assert {"worker %i", "relay", "admission serve", "beat", "flower --port", "db upgrade", "db roles"} <= commands
+    assert {"worker %i", "relay", "admission serve", "beat", "flower --port", "db upgrade", "db roles",
+            "receive slurm-elasticsearch"} <= commands
     assert (UNITS / "openacct-migrate.service").exists() and (UNITS / "openacct-flower.service").exists()
 
 
@@ -454,8 +455,9 @@ def test_each_process_has_an_env_file_and_a_login_of_its_own() -> None:
 
 def test_the_units_may_write_where_their_process_writes() -> None:
     settings = tomllib.loads((DEPLOY / "openacct.toml").read_text())
-    relay = read_unit(UNITS / "openacct-relay.service")["Service"]
-    assert settings["spool_dir"] in relay["ReadWritePaths"][0].split()
+    for name in ("openacct-relay.service", "openacct-receiver.service"):
+        service = read_unit(UNITS / name)["Service"]
+        assert settings["spool_dir"] in service["ReadWritePaths"][0].split(), name
     for name in ("openacct-worker@.service", "openacct-beat.service"):  # statements, beat-schedule
         service = read_unit(UNITS / name)["Service"]
         data_dir = dict(e.split("=", 1) for e in service["Environment"])["OPENACCT_DATA_DIR"]
