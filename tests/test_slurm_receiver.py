@@ -298,3 +298,22 @@ def test_the_receiver_needs_no_database_driver_nor_celery() -> None:
                 for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert done.returncode == 0 and "shared" in imported, done.stderr[-2000:]
     assert imported & {"pydantic", "sqlalchemy", "celery", "kombu", "typer", "psycopg"} == set()
+
+
+def test_a_backfill_of_recorded_records_gives_the_events_the_receiver_gives(tmp_path: Path) -> None:
+    """``openacct publish --from slurm-elasticsearch``: records kept in an Elasticsearch index
+    (as its documents, {"_source": ...}) or in the receiver's reject/, once fixed."""
+    import subprocess
+
+    from tests.pipeline import OPENACCT
+
+    documents = tmp_path / "index.jsonl"
+    documents.write_text("".join(json.dumps({"_index": "slurm", "_source": r}) + "\n" for r in RECORDS))
+    env = {**os.environ, "OPENACCT_SPOOL_DIR": str(tmp_path / "spool"), "OPENACCT_DEFAULT_SYSTEM": "lab"}
+    done = subprocess.run([OPENACCT, "publish", "--from", "slurm-elasticsearch", str(documents)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "spooled 4, rejected 0" in done.stdout, done.stderr
+    published = [json.loads(e) for e in spool.pending_events(tmp_path / "spool")]
+    assert [e["event_id"] for e in published] == [elasticsearch_event(r, "lab", 0)["event_id"] for r in RECORDS]
+    assert {e["source"] for e in published} == {"publish:slurm-elasticsearch"}
+    assert SCRIPT_TEXT.encode() not in (tmp_path / "spool" / "log" / "current").read_bytes()

@@ -27,6 +27,7 @@ from shared.slurm import records as slurm
 
 class RecordKind(enum.StrEnum):
     slurm_jobcomp = "slurm-jobcomp"
+    slurm_elasticsearch = "slurm-elasticsearch"
 
 
 class Skipped(Exception):
@@ -37,7 +38,9 @@ def publish(
     file: Annotated[str, typer.Argument(metavar="FILE|-", help="One JSON event, or JSON Lines of them; - reads standard input.")],
     from_: Annotated[RecordKind | None, typer.Option(
         "--from", help="Read scheduler records instead of events and convert each as its hook would: "
-        "slurm-jobcomp reads jobcomp/script environments, one JSON object a line, bare or as {\"env\": {...}}.",
+        "slurm-jobcomp reads jobcomp/script environments, one JSON object a line, bare or as {\"env\": {...}}; "
+        "slurm-elasticsearch reads jobcomp/elasticsearch records, bare or as an index's {\"_source\": {...}} "
+        "(the system: the record's cluster, else default_system).",
     )] = None,
 ) -> None:
     """Validate events and spool them for the relay; exit 1 if any was rejected."""
@@ -46,7 +49,7 @@ def publish(
     with _open(file) as stream:
         for line, raw in _records(stream):
             try:
-                data = raw if from_ is None else _from_jobcomp(raw, settings.default_system)
+                data = raw if from_ is None else CONVERT[from_](raw, settings.default_system)
                 event = parse_event(data)
             except Skipped:
                 skipped += 1
@@ -114,3 +117,23 @@ def _from_jobcomp(raw: bytes, default_system: str | None) -> bytes:
         raise BadInput("not a jobcomp environment: want a JSON object of variable names to strings")
     env = {str(k): str(v) for k, v in record.items()}
     return encode(slurm.jobcomp_event(env, int(time.time()), default_system, source="publish:slurm-jobcomp"))
+
+
+def _from_elasticsearch(raw: bytes, default_system: str | None) -> bytes:
+    """The event the receiver would have spooled for this jobcomp/elasticsearch record, now."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadInput(f"not JSON: {type(exc).__name__}: {exc}") from None
+    if isinstance(record, dict) and isinstance(record.get("_source"), dict):  # a document of the index
+        record = record["_source"]
+    if not isinstance(record, dict):
+        raise BadInput("not a jobcomp/elasticsearch record: want a JSON object")
+    system = record.get("cluster") or default_system
+    if not isinstance(system, str):
+        raise BadInput("the record names no cluster: set default_system (OPENACCT_DEFAULT_SYSTEM)")
+    event = slurm.elasticsearch_event(record, system, int(time.time()))
+    return encode({**event, "source": "publish:slurm-elasticsearch"})
+
+
+CONVERT = {RecordKind.slurm_jobcomp: _from_jobcomp, RecordKind.slurm_elasticsearch: _from_elasticsearch}
