@@ -106,13 +106,16 @@ def configure(app: Celery, settings: Settings) -> None:
                 "monthly-statements": ("reporter.statements", cron(settings.statements_schedule))}
     if settings.reconcile_schedule:  # off unless configured: it needs sacct where the reporter runs
         schedule["slurm-reconcile"] = ("reporter.reconcile", cron(settings.reconcile_schedule))
+    if settings.slurm_limits_schedule:  # likewise: it needs scontrol and sacctmgr there
+        schedule["slurm-limits"] = ("reporter.slurm_limits", cron(settings.slurm_limits_schedule))
     app.conf.beat_schedule = {
         entry: {"task": task, "schedule": when, "kwargs": {"message": signing.seal(task, {})},
                 "options": {"queue": "reporter", "routing_key": "reporter"}}
         for entry, (task, when) in schedule.items()}
     app.conf.task_routes.update({name: {"queue": "reporter", "routing_key": "reporter"}
                                  for name in ("reporter.alerts", "reporter.statements", "reporter.rollup",
-                                              "reporter.expire_holds", "reporter.reconcile")})
+                                              "reporter.expire_holds", "reporter.reconcile",
+                                              "reporter.slurm_limits")})
 
 
 def cron(line: str) -> crontab:

@@ -169,6 +169,23 @@ class Settings(BaseSettings):
         default=2 * 24 * 3600, ge=600, le=400 * 24 * 3600,
         description="Seconds back from now in which each scheduled reconcile looks for ended jobs.",
     )
+    slurm_limits: bool = Field(
+        default=False,
+        description="Limits mode: keep each Slurm account's GrpTRESMins (billing) in step with what its "
+        "OpenAcct account can pay (`openacct slurm limits`); deposits and transfers from the CLI, and refunds, "
+        "update them at once. Needs sacctmgr and scontrol where those run (docs/slurm.md, Limits mode).",
+    )
+    slurm_limits_schedule: str | None = Field(
+        default=None,
+        description="When beat has `openacct slurm limits` run: a cron line. Unset: never. The reporter "
+        "worker that runs it needs Slurm's client tools and configuration.",
+    )
+    slurm_billing_minute_price: dict[str, Decimal] = Field(
+        default={},
+        description="The price of one Slurm billing minute per system, such as {cluster = 0.001}, for limits "
+        "mode. Unset for a system: its core-hour rate / 60, where Slurm's billing is CPUs and OpenAcct "
+        "charges CPUs alone (no GPU or node service, no multipliers, no TRESBillingWeights).",
+    )
     smtp_url: str | None = Field(
         default=None, description="smtp://host:port (or smtps://) to send alerts by email; unset: no email."
     )
@@ -225,11 +242,11 @@ class Settings(BaseSettings):
             raise ValueError("each is a number of days from 0 to 3650")
         return sorted(set(values), reverse=True)
 
-    @field_validator("rollup_schedule", "statements_schedule", "reconcile_schedule")
+    @field_validator("rollup_schedule", "statements_schedule", "reconcile_schedule", "slurm_limits_schedule")
     @classmethod
     def _cron(cls, line: str | None, info: Any) -> str | None:
-        if info.field_name == "reconcile_schedule" and not (line or "").strip():
-            return None  # unset: no scheduled reconcile
+        if info.field_name in ("reconcile_schedule", "slurm_limits_schedule") and not (line or "").strip():
+            return None  # unset: no scheduled run
         assert line is not None
         fields = line.split()
         if len(fields) != 5:
@@ -241,6 +258,14 @@ class Settings(BaseSettings):
         except (ValueError, TypeError) as exc:
             raise ValueError(f"is not a cron line celery reads: {exc}") from None
         return " ".join(fields)
+
+    @field_validator("slurm_billing_minute_price")
+    @classmethod
+    def _minute_prices(cls, prices: dict[str, Decimal]) -> dict[str, Decimal]:
+        for system, price in prices.items():
+            if not price.is_finite() or price <= 0:
+                raise ValueError(f"the price of a billing minute on {system!r} must be above 0, not {price}")
+        return prices
 
     @field_validator("smtp_url", "alert_webhook_url")
     @classmethod

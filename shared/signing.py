@@ -33,7 +33,8 @@ from shared.errors import ConfigError, OpenAcctError
 
 ROLES = ("scheduler", "admin")
 # Which roles may ask each task; a task not listed takes an administrator's key only.
-MAY_ASK = {"charger.process_batch": {"scheduler", "admin"}}
+# Recomputing Slurm's limits moves no money: the refunder asks it after a refund, whatever its key.
+MAY_ASK = {"charger.process_batch": {"scheduler", "admin"}, "reporter.slurm_limits": {"scheduler", "admin"}}
 MARK = "openacct-signed"
 
 

@@ -412,7 +412,11 @@ def test_a_failing_sacct_is_one_line_with_its_reason(cli, tmp_path: Path, monkey
         "error: sacct failed (exit 1): sacct: error: Problem talking to the database: Connection refused")
 
 
-def test_the_beat_runs_reconcile_only_when_scheduled() -> None:
+@pytest.mark.parametrize(("setting", "entry", "task"), [
+    ("reconcile_schedule", "slurm-reconcile", "reporter.reconcile"),
+    ("slurm_limits_schedule", "slurm-limits", "reporter.slurm_limits"),
+])
+def test_the_beat_runs_slurms_tasks_only_when_scheduled(setting: str, entry: str, task: str) -> None:
     from celery import Celery
 
     from shared.celery_app import configure
@@ -420,11 +424,11 @@ def test_the_beat_runs_reconcile_only_when_scheduled() -> None:
 
     off, on = Celery("off"), Celery("on")
     configure(off, Settings(broker_url="redis://localhost:1/0"))
-    configure(on, Settings(broker_url="redis://localhost:1/0", reconcile_schedule="*/30 * * * *"))
-    assert "slurm-reconcile" not in off.conf.beat_schedule
-    entry = on.conf.beat_schedule["slurm-reconcile"]
-    assert entry["task"] == "reporter.reconcile" and entry["options"]["queue"] == "reporter"
-    assert str(entry["schedule"].minute) == "{0, 30}"
+    configure(on, Settings(broker_url="redis://localhost:1/0", **{setting: "*/30 * * * *"}))
+    assert entry not in off.conf.beat_schedule
+    scheduled = on.conf.beat_schedule[entry]
+    assert scheduled["task"] == task and scheduled["options"]["queue"] == "reporter"
+    assert str(scheduled["schedule"].minute) == "{0, 30}"
 
 
 @pytest.mark.usefixtures("recon")

@@ -371,3 +371,64 @@ def _reconcile_report(result: Reconciliation, start: dt.datetime, end: dt.dateti
     missing = result.counts["missing"]
     done(f"{missing} missing jobs would be published (dry run)" if dry_run else
          f"{result.counts['published']} missing jobs published to the spool for the relay")
+
+
+@slurm_app.command("limits")
+def slurm_limits(
+    dry_run: Annotated[bool, typer.Option(help="Print the limits that would change; set none.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Set each Slurm account's GrpTRESMins (billing) to what Slurm counted as used plus the
+    billing minutes its OpenAcct account can still pay (limits mode: docs/slurm.md). Only the
+    limits that change are set. Exit 1 if sacctmgr did not take one."""
+    import shlex
+
+    from shared.slurm import limits
+
+    with session_scope() as s:
+        found, failures = limits.keep_in_step(s, dry_run=dry_run)
+    for warning in found.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    rows = [limit.as_dict() for limit in found.limits]
+    if as_json:
+        from openacct.cli.output import emit_json
+
+        emit_json({"cluster": found.cluster, "system": found.system, "dry_run": dry_run,
+                   "billing_minute_price": str(found.price_shown), "limits": rows, "failures": failures})
+    else:
+        emit_rows(rows, ["slurm_account", "account", "payable", "used", "pending", "current", "wanted", "changed"],
+                  as_json=False, title=f"GrpTRESMins billing on {found.cluster} (a billing minute costs {found.price_shown})")
+        for limit in found.limits:
+            if limit.changed:
+                typer.echo(("would run: " if dry_run else "") + shlex.join(limit.command(found.cluster)))
+        for failure in failures:
+            typer.echo(f"error: {failure}", err=True)
+        changed = sum(limit.changed for limit in found.limits)
+        done(f"{changed} limits {'would change (dry run)' if dry_run else 'set'}; "
+             f"{len(found.limits) - changed} already in step")
+    if failures:
+        raise typer.Exit(1)
+
+
+def limits_after_money_moved() -> None:
+    """In limits mode, after a deposit or transfer: Slurm's limits follow at once. The money has
+    moved whatever happens here, so a failure is a warning: the scheduled run catches up."""
+    from shared.config import get_settings
+
+    if not get_settings().slurm_limits:
+        return
+    from shared.errors import OpenAcctError
+    from shared.slurm import limits
+
+    try:
+        with session_scope() as s:
+            found, failures = limits.keep_in_step(s)
+    except OpenAcctError as exc:
+        failures = [str(exc)]
+    else:
+        changed = [f"{limit.slurm_account}={limit.wanted}" for limit in found.limits if limit.changed]
+        if changed and len(failures) < len(changed):
+            typer.echo(f"Slurm limits (GrpTRESMins billing) set: {' '.join(changed)}", err=True)
+    for failure in failures:
+        typer.echo(f"warning: Slurm's limits were not updated ({failure}); the money moved, and the scheduled "
+                   "`openacct slurm limits` run will catch up", err=True)

@@ -9,6 +9,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import aliased
 
 from openacct import shortcuts as sc
+from openacct.cli.center import limits_after_money_moved
 from openacct.cli.limits import COLUMNS as LIMIT_COLUMNS
 from openacct.cli.output import JsonFlag, done, emit_json, emit_rows
 from shared import ledger, member_limits
@@ -41,6 +42,7 @@ def deposit(
         txn = sc.deposit(account, amount, start=start, end=end, credit_limit=credit_limit,
                          key=key, description=description)
         done(f"deposit #{txn.id}: {display(txn.amount)} into {sc.get_account(account).name}")
+    limits_after_money_moved()  # once the deposit is committed
 
 
 def charge(
@@ -72,6 +74,7 @@ def transfer(
         txn = sc.transfer(source, target, amount, key=key, description=description)
         done(f"transfer #{txn.id}: {display(txn.amount)} from {sc.get_account(source).name} "
              f"to {sc.get_account(target).name}")
+    limits_after_money_moved()
 
 
 def balance(

@@ -133,6 +133,27 @@ def reconcile_slurm(settle: int = RECONCILE_SETTLE, lookback: int | None = None)
     return result.counts
 
 
+@scheduled("reporter.slurm_limits")
+def slurm_limits() -> dict[str, int]:
+    """Keep each Slurm account's GrpTRESMins in step with what its account can pay, as
+    `openacct slurm limits` does (beat runs this on ``slurm_limits_schedule``; the refunder asks
+    for it after each refund). A limit sacctmgr did not take fails the task (logged): the next run
+    sets it."""
+    from shared.slurm import limits
+
+    with session_scope() as session:
+        found, failures = limits.keep_in_step(session)
+    for warning in found.warnings:
+        log.warning("slurm limits: %s", warning)
+    changed = [limit for limit in found.limits if limit.changed]
+    for limit in changed:
+        log.info("slurm limits: %s GrpTRESMins=billing=%s (was %s; %s used, %s payable)", limit.slurm_account,
+                 limit.wanted, limit.current, limit.used, limit.payable)
+    if failures:
+        raise RuntimeError("sacctmgr did not set every limit: " + "; ".join(failures))
+    return {"accounts": len(found.limits), "changed": len(changed)}
+
+
 def _to_charger(events: list[tuple[str, bytes]]) -> None:
     from shared.celery_app import TASKS
     from shared.relay import message_item
