@@ -143,10 +143,28 @@ def write(spool_dir: PathLike, event_id: str, data: bytes) -> str:
         return write_file(spool_dir, event_id, data)
 
 
+def write_many(spool_dir: PathLike, events: list[tuple[str, bytes]]) -> None:
+    """Spool many events durably with one write and one fsync (``openacct publish``'s batches)."""
+    spool_dir = os.fspath(spool_dir)
+    if not events:
+        return
+    try:
+        _append_framed(spool_dir, b"".join(frame(data) for _, data in events))
+    except FileNotFoundError:
+        ensure(spool_dir)
+        _append_framed(spool_dir, b"".join(frame(data) for _, data in events))
+    except PermissionError:
+        for event_id, data in events:
+            write_file(spool_dir, event_id, data)
+
+
 def append(spool_dir: str, data: bytes) -> str:
     """Append one record to the log and fsync it."""
+    return _append_framed(spool_dir, frame(data))
+
+
+def _append_framed(spool_dir: str, records: bytes) -> str:
     path = os.path.join(spool_dir, LOG, CURRENT)
-    record = frame(data)
     for _ in range(1000):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -163,7 +181,7 @@ def append(spool_dir: str, data: bytes) -> str:
                     continue  # rotated between our open and our lock: append to the new log
             except FileNotFoundError:
                 continue
-            view = memoryview(record)
+            view = memoryview(records)
             while view:
                 view = view[os.write(fd, view):]
             fcntl.flock(fd, fcntl.LOCK_UN)

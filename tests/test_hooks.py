@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -467,6 +468,36 @@ def test_a_rejected_hook_input_can_be_published_once_fixed(
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
     assert publish("--from", "slurm-jobcomp", "-").out == "spooled 1, rejected 0\n"
     assert spooled(hook_settings)[0]["event_id"] == slurm.jobcomp_event(env, NOW, "lab")["event_id"]
+
+
+def test_publish_spools_a_big_file_in_batches_and_a_pipe_line_by_line_as_it_comes(
+    hook_settings: Path, tmp_path: Path
+) -> None:
+    """One fsync per batch of lines for a file (a backfill); a pipe that has nothing more for now
+    does not keep what it sent waiting for a batch to fill."""
+    env = {**os.environ, "OPENACCT_SPOOL_DIR": str(hook_settings), "OPENACCT_DEFAULT_SYSTEM": "lab"}
+    record = env_of("jobcomp", "with-slurmdbd", JOBNAME="ok")
+    lines = [json.dumps({**record, "JOBID": str(10_000 + i)}) + "\n" for i in range(5000)]
+    (tmp_path / "jobcomp.jsonl").write_text("".join(lines))
+    done = subprocess.run([OPENACCT, "publish", "--from", "slurm-jobcomp", str(tmp_path / "jobcomp.jsonl")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "spooled 5000, rejected 0\n", done.stderr
+    assert sorted(e["job_id"] for e in spooled(hook_settings)) == sorted(str(10_000 + i) for i in range(5000))
+
+    piped = tmp_path / "piped"
+    env["OPENACCT_SPOOL_DIR"] = str(piped)
+    with subprocess.Popen([OPENACCT, "publish", "--from", "slurm-jobcomp", "-"], env=env, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdin is not None
+        for i, line in enumerate(lines[:2], 1):
+            process.stdin.write(line)
+            process.stdin.flush()
+            deadline = time.monotonic() + 20
+            while len(spooled(piped)) < i and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(spooled(piped)) == i  # spooled while the pipe stays open
+        process.stdin.close()
+        assert process.wait(timeout=30) == 0
 
 
 def test_publish_of_a_missing_file_is_an_error(publish: Callable[..., Published]) -> None:
