@@ -18,6 +18,7 @@ an event goes to ``reject/`` with its reason.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import os
@@ -110,9 +111,9 @@ def _check_parents(path: str) -> None:
 
 def durable_write(directory: str, name: str, data: bytes, tmp_dir: str) -> str:
     """Write ``data`` as ``directory/name`` so that it is whole or absent after a crash."""
-    tmp = os.path.join(tmp_dir, f"{name}.{os.getpid()}.tmp")
+    tmp = os.path.join(tmp_dir, f"{name}.{_writer()}.tmp")
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # left by a process of this pid that died mid-write
+        os.unlink(tmp)  # left by a writer of this name that died mid-write
     fd = os.open(tmp, CREATE, 0o640)
     try:
         view = memoryview(data)
@@ -125,6 +126,11 @@ def durable_write(directory: str, name: str, data: bytes, tmp_dir: str) -> str:
     os.rename(tmp, final)
     _fsync_dir(directory)
     return final
+
+
+def _writer() -> str:
+    """This process and thread: the receiver's threads write side by side."""
+    return f"{os.getpid()}-{_thread.get_ident()}"
 
 
 def _safe(event_id: str) -> str:
@@ -196,7 +202,7 @@ def _create_log(path: str) -> int | None:
     """A new, empty log, locked, whose name is on disk before anyone can append to it (a hook
     that appended to a log whose directory entry a crash then lost would have lied); None if
     another hook created the log first."""
-    fresh = f"{path}.{os.getpid()}.new"
+    fresh = f"{path}.{_writer()}.new"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(fresh)  # left by a process of this pid that died here
     fd = os.open(fresh, CREATE | os.O_APPEND, 0o660)
@@ -248,7 +254,7 @@ def reject(spool_dir: PathLike, raw: bytes, reason: str, source: str) -> str:
     """Keep input that is not an event, exactly as received, beside a note of why."""
     spool_dir = os.fspath(spool_dir)
     ensure(spool_dir)
-    stem = f"{time.time_ns():020d}-{os.getpid()}-{_safe(source)}"
+    stem = f"{time.time_ns():020d}-{_writer()}-{_safe(source)}"
     rejected, tmp = os.path.join(spool_dir, REJECT), os.path.join(spool_dir, TMP)
     durable_write(rejected, f"{stem}.reason", f"{source}: {reason}\n".encode(), tmp)
     return durable_write(rejected, f"{stem}.raw", raw, tmp)

@@ -108,15 +108,8 @@ class Receiver:
 
     def start(self) -> Receiver:
         self.process.start()
-        wait_for(self._up, 20, "the receiver to listen")
+        wait_for(lambda: "listening on" in self.process.log.read_text(), 20, "the receiver to listen")
         return self
-
-    def _up(self) -> bool:
-        try:
-            self.get("/")  # any answer, 403 and 401 included
-        except OSError:
-            return False
-        return True
 
     def get(self, path: str) -> int:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -170,14 +163,31 @@ def test_each_record_is_spooled_before_it_is_acknowledged_and_its_script_is_neve
 def test_a_record_that_can_never_be_an_event_is_kept_for_a_person_without_its_script(receiver: Receiver) -> None:
     status, body = receiver.post({**RECORDS[0], "jobid": "x"})
     assert status == 201 and "rejected" in body  # taken: sending it again every 30 s changes nothing
-    status, _ = receiver.post(b"\x00 not json " + SCRIPT_TEXT.encode())
-    assert status == 201
+    assert receiver.post({**RECORDS[0], "username": "b\udce9b"})[0] == 201  # Latin-1 where the charge depends on it
     assert receiver.spooled() == []
     reasons = sorted(p.read_text() for p in (receiver.spool / "reject").glob("*.reason"))
-    assert any("JOBID is 'x'" in r for r in reasons) and any("JSONDecodeError" in r for r in reasons)
+    assert len(reasons) == 2 and "JOBID is 'x'" in reasons[0] and "USERNAME" in reasons[1]
     kept = b"".join(p.read_bytes() for p in (receiver.spool / "reject").glob("*.raw"))
-    assert b'"jobid": "x"' in kept and b"bytes that are not a JSON object" in kept
+    assert b'"jobid": "x"' in kept and b'"username": "b\xe9b"' in kept  # the bytes as Slurm sent them
     assert SCRIPT_TEXT.encode() not in receiver.everything_kept()
+
+
+def test_latin_1_bytes_in_a_jobs_name_or_script_do_not_cost_its_charge(receiver: Receiver) -> None:
+    """Slurm's JSON writer copies bytes above 0x7f as they are: a user must not dodge a charge
+    with a job name or a script comment in Latin-1."""
+    body = json.dumps({**RECORDS[0], "job_name": "caf\udce9", "script": "#!/bin/sh\n# caf\udce9\n"},
+                      ensure_ascii=False).encode("utf-8", "surrogateescape")
+    assert b"caf\xe9" in body  # not UTF-8
+    status, result = receiver.post(body)
+    assert status == 201 and result.startswith('{"status": 201, "result": "job.completed:'), result
+    (event,) = receiver.spooled()
+    assert event["job_id"] == "1" and event["name"] == "caf\ufffd"
+
+
+def test_what_is_not_json_from_slurm_is_refused_so_that_slurm_keeps_it(receiver: Receiver) -> None:
+    assert receiver.post(b"\x00 not json " + SCRIPT_TEXT.encode())[0] == 400
+    assert receiver.post([RECORDS[0]])[0] == 400
+    assert receiver.everything_kept() == b""  # nothing spooled, nothing of the script kept
 
 
 def test_what_the_receiver_cannot_take_is_refused_so_that_slurm_keeps_it(receiver: Receiver) -> None:
@@ -201,8 +211,8 @@ def test_what_the_receiver_cannot_take_is_refused_so_that_slurm_keeps_it(receive
 def test_only_allowed_clients_with_the_credentials_are_heard(tmp_path: Path) -> None:
     elsewhere = Receiver(tmp_path / "a", "--allow", "10.0.0.0/8").start()
     try:
-        assert elsewhere.get("/") == 403
-        assert elsewhere.post(RECORDS[0])[0] == 403  # loopback is not 10.0.0.0/8
+        with pytest.raises(OSError):  # loopback is not 10.0.0.0/8: closed before a word is read
+            elsewhere.post(RECORDS[0])
         assert elsewhere.spooled() == []
     finally:
         elsewhere.stop()
@@ -224,6 +234,36 @@ def test_only_allowed_clients_with_the_credentials_are_heard(tmp_path: Path) -> 
     finally:
         guarded.stop()
     assert "s3cret" not in (tmp_path / "b" / f"receiver-{guarded.port}.log").read_text()
+
+
+def test_connections_past_the_cap_and_chunked_bodies_are_refused(receiver: Receiver) -> None:
+    import socket
+
+    from shared.slurm.receiver import MAX_CONNECTIONS
+
+    idle = [socket.create_connection(("127.0.0.1", receiver.port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.5)  # every one accepted and waiting on its request
+        with pytest.raises(OSError):
+            receiver.post(RECORDS[0])
+    finally:
+        for connection in idle:
+            connection.close()
+    def taken() -> bool:
+        try:
+            return receiver.post(RECORDS[0])[0] == 201
+        except OSError:  # refused while the idle ones' threads were still ending
+            return False
+
+    wait_for(taken, 10, "a connection to be free again")
+    connection = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=10)
+    connection.putrequest("POST", "/lab")
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders()
+    connection.send(b"5\r\nhello\r\n0\r\n\r\n")
+    assert connection.getresponse().status == 501
+    connection.close()
+    assert [e["job_id"] for e in receiver.spooled()] == ["1"]
 
 
 def test_the_receiver_refuses_to_start_unguarded(tmp_path: Path, cli: Any) -> None:

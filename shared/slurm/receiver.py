@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from http import HTTPStatus
@@ -34,6 +35,10 @@ from shared.slurm.records import WrongSystem, elasticsearch_event
 SOURCE = "slurm-elasticsearch"
 # Slurm keeps scripts up to max_script_size (4 MB by default; JSON escaping can double it).
 MAX_BODY = 64 * 1024 * 1024
+MAX_CONNECTIONS = 32
+# A client that sends nothing for this long is cut off (slurmctld's curl sets no timeout, and
+# its one sending thread must not wait on a handler stuck with someone else).
+IDLE_SECONDS = 30
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 log = logging.getLogger("openacct.receiver")
@@ -41,9 +46,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Receiver(ThreadingHTTPServer):
-    # Closing waits for the requests in flight: a record being spooled is answered, not cut off.
-    daemon_threads = False
-    block_on_close = True
+    # A record is answered 201 only once it is fsynced, so a request cut off by a shutdown is one
+    # Slurm sends again: nothing waits for stuck clients on the way out.
+    daemon_threads = True
+    block_on_close = False
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], spool_dir: str, *, allowed: Iterable[str] = LOOPBACK,
@@ -57,7 +63,29 @@ class Receiver(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         spool.ensure(spool_dir)
         spool.check_safe(spool_dir)
+        # slurmctld sends one record at a time; more connections than this are not Slurm.
+        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, Handler)
+
+    def verify_request(self, request: object, client_address: tuple[str, int]) -> bool:
+        """Refused before a thread is spent on them: clients not allowed, and connections past
+        the cap (closed: a client that is Slurm sends again)."""
+        if not self.client_allowed(client_address[0]):
+            log.warning("refused a connection from %s: not an allowed client", client_address[0])
+            return False
+        if not self.connections.acquire(blocking=False):
+            log.warning("refused a connection from %s: %d connections open", client_address[0], MAX_CONNECTIONS)
+            return False
+        return True
+
+    def process_request_thread(self, request: object, client_address: tuple[str, int]) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
+        log.exception("request from %s failed", client_address[0])
 
     def client_allowed(self, host: str) -> bool:
         try:
@@ -72,6 +100,7 @@ class Receiver(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: Receiver
     protocol_version = "HTTP/1.1"  # keep-alive, and curl's "Expect: 100-continue" for big bodies
+    timeout = IDLE_SECONDS
     server_version = "openacct-receiver"
     sys_version = ""
 
@@ -88,9 +117,15 @@ class Handler(BaseHTTPRequestHandler):
             self._discard_body()
             self._answer(HTTPStatus.NOT_FOUND, "POST to /<system>: JobCompLoc=http://HOST:PORT/<system>")
             return
+        if self.headers.get("Transfer-Encoding"):
+            # curl sends the plugin's record with its length (CURLOPT_POSTFIELDSIZE), never chunked.
+            self.close_connection = True
+            self._answer(HTTPStatus.NOT_IMPLEMENTED, "Transfer-Encoding is not taken: send Content-Length")
+            return
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
+            self.close_connection = True  # the body, if any, is not read
             self._answer(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
             return
         if not 0 <= length <= MAX_BODY:
@@ -132,24 +167,31 @@ class Handler(BaseHTTPRequestHandler):
 
     def _take(self, system: str, body: bytes) -> tuple[HTTPStatus, str]:
         """Spool the record's event; the answer for Slurm (201 once it is safe here)."""
-        record: dict[str, object] | None = None
         try:
-            parsed = json.loads(body)
-            if not isinstance(parsed, dict):
-                raise BadInput("the body is not one JSON object")
-            record = parsed
-            record.pop("script", None)  # the user's batch script: never kept
+            # Slurm writes the bytes of names, paths and the script as it has them (json-c copies
+            # bytes above 0x7f): a Latin-1 byte must not cost the record. Names keep U+FFFD for
+            # such bytes; the fields a charge depends on refuse them (shared.slurm.values).
+            record = json.loads(body.decode("utf-8", "surrogateescape"))
+        except (ValueError, RecursionError) as exc:
+            # Not JSON: not what the plugin sends. Refused, so that a record is never lost to a
+            # parser of ours; slurmctld logs each retry.
+            log.error("a body of %d bytes that is not JSON refused: %s", len(body), type(exc).__name__)
+            return HTTPStatus.BAD_REQUEST, f"not JSON: {type(exc).__name__}"
+        if not isinstance(record, dict):
+            log.error("a JSON body that is not an object refused (%d bytes)", len(body))
+            return HTTPStatus.BAD_REQUEST, "a record is one JSON object"
+        record.pop("script", None)  # the user's batch script: never kept
+        try:
             event = elasticsearch_event(record, system, int(time.time()))
+            data = encode(event)
         except WrongSystem as exc:
             # A URL set wrong in slurm.conf: refused, so that Slurm keeps the records until it is fixed.
             log.error("job record refused: %s", exc)
             return HTTPStatus.MISDIRECTED_REQUEST, str(exc)
-        except (BadInput, ValueError, RecursionError) as exc:  # json's errors are ValueErrors
-            # A body that is not even JSON cannot have its script taken out: only its size is kept.
-            kept = encode_record(record) if record is not None else b"(%d bytes that are not a JSON object)\n" % len(body)
-            return self._reject(kept, exc)
+        except (BadInput, ValueError) as exc:  # UnicodeEncodeError: text that was not UTF-8 where it counts
+            return self._reject(encode_record(record), exc)
         try:
-            spool.write(self.server.spool_dir, str(event["event_id"]), encode(event))
+            spool.write(self.server.spool_dir, str(event["event_id"]), data)
         except Exception as exc:  # a full disk, a spool made unsafe: Slurm keeps the record
             log.error("job %s not spooled: %s: %s", event["job_id"], type(exc).__name__, exc)
             return HTTPStatus.SERVICE_UNAVAILABLE, "not spooled; send it again"
