@@ -19,7 +19,6 @@ an event goes to ``reject/`` with its reason.
 from __future__ import annotations
 
 import _thread
-import contextlib
 import fcntl
 import os
 import stat
@@ -112,8 +111,10 @@ def _check_parents(path: str) -> None:
 def durable_write(directory: str, name: str, data: bytes, tmp_dir: str) -> str:
     """Write ``data`` as ``directory/name`` so that it is whole or absent after a crash."""
     tmp = os.path.join(tmp_dir, f"{name}.{_writer()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.unlink(tmp)  # left by a writer of this name that died mid-write
+    except FileNotFoundError:
+        pass
     fd = os.open(tmp, CREATE, 0o640)
     try:
         view = memoryview(data)
@@ -203,8 +204,10 @@ def _create_log(path: str) -> int | None:
     that appended to a log whose directory entry a crash then lost would have lied); None if
     another hook created the log first."""
     fresh = f"{path}.{_writer()}.new"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(fresh)  # left by a process of this pid that died here
+    try:
+        os.unlink(fresh)  # left by a writer of this name that died here
+    except FileNotFoundError:
+        pass
     fd = os.open(fresh, CREATE | os.O_APPEND, 0o660)
     try:
         os.fchmod(fd, 0o660)  # the group (hooks and relay) shares the log, whatever the umask
@@ -219,8 +222,10 @@ def _create_log(path: str) -> int | None:
         _fsync_dir(os.path.dirname(path))
         return fd
     except BaseException:
-        with contextlib.suppress(OSError):
+        try:
             os.close(fd)
+        except OSError:
+            pass
         raise
 
 

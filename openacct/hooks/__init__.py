@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+
+# Annotations only: collections.abc costs a hook run the import of collections.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 HOOKS = ("slurm-jobcomp", "slurm-prologctld", "slurm-epilogctld")
 USAGE = f"usage: openacct hook {{{'|'.join(HOOKS)}}}"

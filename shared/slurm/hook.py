@@ -11,13 +11,17 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
 
 from shared import spool
 from shared.hookconfig import HookSettings, default_data_dir
 from shared.job_event import BadInput, encode
 from shared.slurm import ctld_state
 from shared.slurm import records as slurm
+
+# Annotations only: collections.abc costs a hook run the import of collections.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 def run(hook: str, environ: Mapping[bytes, bytes]) -> int:

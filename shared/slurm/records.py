@@ -9,13 +9,16 @@ elapsed time) and the epilog's as the end; ``ctld_state`` carries the start from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
 from shared.job_event import BadInput, job_event
 from shared.slurm import values as v
 
-# (system, job id, array task) -> the start recorded by the prolog, in epoch seconds.
-StartLookup = Callable[[str, str, int | None], int | None]
+# Annotations only: collections.abc costs a hook run the import of collections.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    # (system, job id, array task) -> the start recorded by the prolog, in epoch seconds.
+    StartLookup = Callable[[str, str, int | None], int | None]
 
 
 def jobcomp_event(env: Mapping[str, str], now: int, default_system: str | None,

@@ -8,9 +8,12 @@ a user must not be able to dodge charges by naming a job in Latin-1.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from shared.job_event import BadInput
+
+# Annotations only: collections.abc costs a hook run the import of collections.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # Slurm's NO_VAL (0xfffffffe) as ARRAYTASKID: the job is not an array task.
 NO_VAL = 4294967294
