@@ -394,7 +394,8 @@ def slurm_limits(
         from openacct.cli.output import emit_json
 
         emit_json({"cluster": found.cluster, "system": found.system, "dry_run": dry_run,
-                   "billing_minute_price": str(found.price_shown), "limits": rows, "failures": failures})
+                   "billing_minute_price": str(found.price_shown), "limits": rows, "warnings": found.warnings,
+                   "failures": failures})
     else:
         emit_rows(rows, ["slurm_account", "account", "payable", "used", "pending", "current", "wanted", "changed"],
                   as_json=False, title=f"GrpTRESMins billing on {found.cluster} (a billing minute costs {found.price_shown})")

@@ -10,30 +10,36 @@ alias, or a project whose default account pays) gets ``GrpTRESMins=billing=N`` w
   slurm.conf with PriorityDecayHalfLife or PriorityUsageResetPeriod set (``check_config``);
 - ``payable``: what admission control lets an account spend, its available money (allocations
   in force less charges and open holds, ``ledger.account_balance``) plus its credit limit;
-- ``pending``: the minutes Slurm counted that OpenAcct has not charged yet: those running jobs
-  have used so far (their time limit less the run minutes Slurm still reserves for them), and
-  ended jobs slurmctld still lists that the ledger has not recorded as ended. Without it a run
-  while a job runs would give its money twice;
+- ``pending``: the minutes Slurm counted that OpenAcct has not charged yet, job by job: for each
+  running job, and each ended job slurmctld still lists whose (job id, submit time) the ledger
+  has not recorded as ended, billing x UsageFactor of its QoS x TimeUsed / 60, exact (Slurm
+  counts seconds). Slurm counts a running job's usage each PriorityCalcPeriod, so this is an
+  upper bound of what it counted: it errs toward a lower limit by at most that period per job.
+  Without it a run while a job runs would give its money twice;
 - the price of a billing minute (``minute_price``): ``slurm_billing_minute_price`` for the
   system, else its core-hour rate / 60 where Slurm's billing is CPUs and OpenAcct prices CPUs
-  alone (no GPU or node service, no partition or QoS multipliers, no TRESBillingWeights).
+  alone (no GPU or node service, no partition or QoS multipliers, no TRESBillingWeights, every
+  QoS UsageFactor 1).
 
-Rounded down: Slurm never lets an account use a minute it cannot pay for.
+Rounded down: Slurm never lets an account use a minute it cannot pay for. Slurm sub-accounts
+under a mapped account are refused (usage rolls up to the parent). Runs hold an advisory lock
+from reading Slurm until its limits are set, so two runs never set limits out of order.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import shutil
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from types import SimpleNamespace
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from shared import ledger
@@ -43,16 +49,24 @@ from shared.events import NAME
 from shared.models import Account, Job
 from shared.rating.directory import AccountInfo, Directory, SystemInfo
 from shared.rating.price import rate_at
-from shared.slurm.values import time_limit_minutes
 
 SLURM_TIMEOUT = 60
 # squeue fields no user can write into (a job name or a path could hold "Key=" text); width 0:
-# printed whole, never cut. Ended jobs stay listed for MinJobAge seconds.
-SQUEUE_FIELDS = ("JobID", "Account", "State", "TimeLimit", "TimeUsed", "tres-alloc")
+# printed whole, never cut. Ended jobs stay listed for MinJobAge seconds. JobID is the job's own
+# id (an array task's too: squeue's JobArrayID is the one that prints 123_4); SubmitTime is epoch
+# seconds under SLURM_TIME_FORMAT=%s.
+SQUEUE_FIELDS = ("JobID", "Account", "State", "QOS", "SubmitTime", "TimeUsed", "tres-alloc")
 SQUEUE_FORMAT = ",".join(f"{f}:0|" for f in SQUEUE_FIELDS)
-RUNNING_STATES = {"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STOPPED", "SIGNALING", "STAGE_OUT"}
+# -a: jobs in hidden partitions too (slurmctld hides them from a user who is no operator).
+SQUEUE = ("squeue", "-a", "-h", "-t", "all", "-O", SQUEUE_FORMAT)
+SLURM_ENV = {"SLURM_TIME_FORMAT": "%s", "TZ": "UTC"}
+RUNNING_STATES = {"RUNNING", "SUSPENDED", "CONFIGURING", "STOPPED", "SIGNALING"}
+# COMPLETING and STAGE_OUT: slurmctld counted the job's usage and released its run minutes
+# when it deallocated its nodes (acct_policy_job_fini), as for a job that ended.
 ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE"}
+                "BOOT_FAIL", "DEADLINE", "COMPLETING", "STAGE_OUT"}
+# pg_advisory_xact_lock key: one limits run at a time, from reading Slurm to setting its limits.
+LIMITS_LOCK = 0x0A_CC7_11A1
 
 
 class LimitsRefused(InvalidInput):
@@ -69,14 +83,16 @@ class Association:
     limit: int | None  # GrpTRESMins billing; None: no limit
     used: int  # billing minutes counted (raw: the mode runs without decay)
     run_minutes: int  # billing minutes still reserved for its running jobs (GrpTRESRunMins used)
+    parent: str | None = None  # ParentAccount: None for root (or where not printed)
 
 
 @dataclass(frozen=True)
 class SlurmJob:
-    job_id: str  # as squeue prints it: 123, or 123_4 for an array task
+    job_id: str  # the job's own id (an array task's too), as squeue -O JobID prints it
     account: str
     state: str
-    limit_minutes: int | None  # None: no time limit
+    qos: str
+    submit_time: int | None  # epoch seconds; None where squeue gives none
     used_seconds: int
     billing: int
 
@@ -88,6 +104,14 @@ class SlurmSide:
     jobs: list[SlurmJob]
     billing_weights: dict[str, str]  # partition -> its TRESBillingWeights, where set
     warnings: list[str]
+    usage_factors: dict[str, Fraction] = field(default_factory=dict)  # QoS -> UsageFactor
+
+    def usage_factor(self, qos: str) -> Fraction:
+        """The UsageFactor Slurm multiplies a job's usage by; a QoS it does not list (deleted
+        since) gets the largest there is, at least 1: more pending, a lower limit."""
+        if qos in self.usage_factors:
+            return self.usage_factors[qos]
+        return max([Fraction(1), *self.usage_factors.values()])
 
 
 def parse_config(text: str) -> dict[str, str]:
@@ -145,22 +169,42 @@ def parse_associations(text: str) -> dict[str, Association]:
             continue
         limit, used = _tres(words.get("GrpTRESMins", ""))
         _, running = _tres(words.get("GrpTRESRunMins", ""))
-        found[words["Account"]] = Association(words["Account"], limit, used or 0, running or 0)
+        parent = words.get("ParentAccount", "").partition("(")[0] or None  # ParentAccount=NAME(ID)
+        found[words["Account"]] = Association(words["Account"], limit, used or 0, running or 0, parent)
     return found
 
 
 def parse_jobs(text: str) -> list[SlurmJob]:
-    """The jobs of ``squeue -h -t all -O SQUEUE_FORMAT``."""
+    """The jobs of ``SQUEUE``: ``squeue -a -h -t all -O SQUEUE_FORMAT`` (SLURM_TIME_FORMAT=%s)."""
     jobs = []
     for line in text.splitlines():
         values = [v.strip() for v in line.split("|")]
         if len(values) < len(SQUEUE_FIELDS):
             continue
-        job_id, account, state, limit, used, tres = values[:len(SQUEUE_FIELDS)]
+        job_id, account, state, qos, submit, used, tres = values[:len(SQUEUE_FIELDS)]
         billing = dict(item.partition("=")[::2] for item in tres.split(",")).get("billing", "0")
-        jobs.append(SlurmJob(job_id, account, state.split()[0], time_limit_minutes(limit), _seconds(used),
+        jobs.append(SlurmJob(job_id, account, state.split()[0] if state else "", qos,
+                             int(submit) if submit.isascii() and submit.isdigit() else None, _seconds(used),
                              int(billing) if billing.isdigit() else 0))
     return jobs
+
+
+def parse_usage_factors(text: str) -> dict[str, Fraction]:
+    """QoS -> UsageFactor from ``sacctmgr -n -P show qos format=name,usagefactor`` (printed as
+    %f: 1.000000); one left blank (unset) is Slurm's default, 1."""
+    found = {}
+    for line in text.splitlines():
+        name, sep, factor = line.strip().partition("|")
+        if not sep or not name:
+            continue
+        factor = factor.strip().rstrip("|")
+        try:
+            found[name] = Fraction(Decimal(factor)) if factor else Fraction(1)
+        except ArithmeticError:
+            raise LimitsRefused(f"sacctmgr gives QoS {name!r} the UsageFactor {factor!r}, not a number") from None
+        if found[name] < 0:  # Slurm applies a factor only when it is >= 0
+            found[name] = Fraction(1)
+    return found
 
 
 def _seconds(clock: str) -> int:
@@ -190,9 +234,13 @@ def read_slurm() -> SlurmSide:
     cluster = config.get("ClusterName", "")
     if not NAME.fullmatch(cluster):
         raise LimitsRefused(f"scontrol gives no usable ClusterName ({cluster!r})")
-    return SlurmSide(cluster, parse_associations(_run("scontrol", "show", "assoc_mgr", "flags=assoc", "-o")),
-                     parse_jobs(_run("squeue", "-h", "-t", "all", "-O", SQUEUE_FORMAT)),
-                     parse_billing_weights(_run("scontrol", "show", "partition", "-o")), warnings)
+    # Usage first, jobs after: a job that ends in between is counted in pending in full, whatever
+    # of it the usage read held (more pending: a lower limit, never a higher one).
+    associations = parse_associations(_run("scontrol", "show", "assoc_mgr", "flags=assoc", "-o"))
+    return SlurmSide(cluster, associations,
+                     parse_jobs(_run(*SQUEUE)),
+                     parse_billing_weights(_run("scontrol", "show", "partition", "-o")), warnings,
+                     parse_usage_factors(_run("sacctmgr", "-n", "-P", "show", "qos", "format=name,usagefactor")))
 
 
 def _program(name: str) -> str:
@@ -207,7 +255,7 @@ def _program(name: str) -> str:
 def _run(*command: str) -> str:
     try:
         result = subprocess.run([_program(command[0]), *command[1:]], capture_output=True, text=True,
-                                timeout=SLURM_TIMEOUT)
+                                env={**os.environ, **SLURM_ENV}, timeout=SLURM_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise LimitsRefused(f"{' '.join(command)} did not answer in {SLURM_TIMEOUT} s") from None
     if result.returncode != 0:
@@ -217,12 +265,14 @@ def _run(*command: str) -> str:
 
 # --------------------------------------------------------------------------- money and minutes
 
-def minute_price(session: Session, system: SystemInfo, billing_weights: dict[str, str], at: dt.datetime) -> Fraction:
+def minute_price(session: Session, system: SystemInfo, billing_weights: dict[str, str], at: dt.datetime,
+                 usage_factors: dict[str, Fraction] | None = None) -> Fraction:
     """The price of one Slurm billing minute on ``system``, exact."""
     explicit = get_settings().slurm_billing_minute_price.get(system.name)
     if explicit is not None:
         return Fraction(explicit)
     why = None
+    factored = sorted(f"{q} (UsageFactor={float(f):g})" for q, f in (usage_factors or {}).items() if f != 1)
     if "cpu" not in system.services:
         why = "it has no core-hours service"
     elif {"gpu", "node"} & set(system.services):
@@ -231,6 +281,8 @@ def minute_price(session: Session, system: SystemInfo, billing_weights: dict[str
         why = "it has partition or QoS charge multipliers, which Slurm's billing does not know"
     elif billing_weights:
         why = f"Slurm weighs billing (TRESBillingWeights on {', '.join(sorted(billing_weights))})"
+    elif factored:
+        why = f"Slurm multiplies usage by a QoS UsageFactor other than 1 ({', '.join(factored)})"
     if why is not None:
         raise LimitsRefused(f"cannot derive the price of a Slurm billing minute on {system.name!r}: {why}; set "
                             f'slurm_billing_minute_price = {{"{system.name}" = "..."}}, with TRESBillingWeights '
@@ -239,32 +291,30 @@ def minute_price(session: Session, system: SystemInfo, billing_weights: dict[str
     return Fraction(rate_at(session, service_id, at, name)) / 60
 
 
-def pending_minutes(side: SlurmSide, account: str, charged_ends: set[str]) -> Fraction:
-    """Billing minutes Slurm counted for ``account`` that the ledger has not charged yet."""
-    association = side.associations[account]
-    running = [j for j in side.jobs if j.account == account and j.state in RUNNING_STATES]
-    reserved = sum(j.billing * j.limit_minutes for j in running if j.limit_minutes is not None)
-    # Slurm moves a running job's minutes from reserved to used as it goes: what it moved is
-    # reserved at the start less what it still reserves (whole minutes, rounded down: err low).
-    counted = Fraction(max(0, reserved - association.run_minutes))
-    if any(j.limit_minutes is None for j in running):  # no limit: nothing reserved, count by its time
-        counted += sum(Fraction(j.billing * j.used_seconds, 60) for j in running if j.limit_minutes is None)
-    ended = [j for j in side.jobs if j.account == account and j.state in ENDED_STATES and j.job_id not in charged_ends]
-    return counted + sum((Fraction(j.billing * j.used_seconds, 60) for j in ended), Fraction(0))
+def pending_minutes(side: SlurmSide, account: str, charged_ends: set[tuple[str, int]]) -> Fraction:
+    """Billing minutes Slurm counted for ``account`` that the ledger has not charged yet, job by
+    job: billing x UsageFactor x TimeUsed / 60 (exact) for its running jobs and its ended jobs
+    whose (job id, submit time) the ledger has not recorded as ended. Slurm counts what a job ran
+    in seconds (acct_policy.c, priority_multifactor.c: billing x run seconds x UsageFactor), a
+    running job's up to its last PriorityCalcPeriod: TimeUsed bounds it from above, so this errs
+    toward a lower limit, by at most that period per job."""
+    return sum((j.billing * side.usage_factor(j.qos) * Fraction(j.used_seconds, 60)
+                for j in side.jobs if j.account == account
+                and (j.state in RUNNING_STATES
+                     or (j.state in ENDED_STATES and (j.job_id, j.submit_time) not in charged_ends))),
+               Fraction(0))
 
 
-def _charged_ends(session: Session, system_id: int, jobs: Iterable[SlurmJob]) -> set[str]:
-    """Of the ended jobs slurmctld lists, those whose end the ledger has recorded."""
-    ended = [j.job_id for j in jobs if j.state in ENDED_STATES]
-    plain = [i for i in ended if "_" not in i]
-    tasks = [tuple(i.split("_", 1)) for i in ended if "_" in i and i.split("_", 1)[1].isdigit()]
-    found = set(session.scalars(select(Job.job_id).where(
-        Job.system_id == system_id, Job.end_time.is_not(None), Job.job_id.in_(plain)))) if plain else set()
-    if tasks:
-        found |= {f"{a}_{t}" for a, t in session.execute(select(Job.array_job_id, Job.array_task_id).where(
-            Job.system_id == system_id, Job.end_time.is_not(None),
-            tuple_(Job.array_job_id, Job.array_task_id).in_([(a, int(t)) for a, t in tasks])))}
-    return found
+def _charged_ends(session: Session, system_id: int, jobs: Iterable[SlurmJob]) -> set[tuple[str, int]]:
+    """Of the ended jobs slurmctld lists, the (job id, submit time) whose end the ledger has
+    recorded. The submit time tells a reused or requeued job id (Slurm gives a requeued job a
+    new submit time) from the job the ledger charged."""
+    ended = {j.job_id for j in jobs if j.state in ENDED_STATES and j.submit_time is not None}
+    if not ended:
+        return set()
+    return {(job_id, int(submit.timestamp())) for job_id, submit in session.execute(
+        select(Job.job_id, Job.submit_time).where(Job.system_id == system_id, Job.end_time.is_not(None),
+                                                  Job.job_id.in_(sorted(ended))))}
 
 
 # --------------------------------------------------------------------------- what to set
@@ -326,7 +376,13 @@ def plan(session: Session, side: SlurmSide, at: dt.datetime | None = None) -> Pl
     if shared:  # each would be given the whole of the money
         raise LimitsRefused("Slurm accounts " + "; ".join(" and ".join(n) for n in shared)
                             + " pay from one OpenAcct account: one Slurm account per OpenAcct account")
-    price = minute_price(session, system, side.billing_weights, at)
+    _refuse_sub_accounts(side, mapped)
+    warnings = list(side.warnings)
+    unmapped = [n for n in names if n not in mapped]
+    if unmapped:
+        warnings.append(f"Slurm accounts OpenAcct does not know are left without a limit: {', '.join(unmapped)} "
+                        "(add an OpenAcct account or alias by that name to limit them)")
+    price = minute_price(session, system, side.billing_weights, at, side.usage_factors)
     charged_ends = _charged_ends(session, system.id, side.jobs)
     limits = []
     for name, info in sorted(mapped.items()):
@@ -336,7 +392,29 @@ def plan(session: Session, side: SlurmSide, at: dt.datetime | None = None) -> Pl
         # Rounded down, and never below what Slurm counted: no minute the account cannot pay.
         wanted = association.used + max(0, math.floor(Fraction(money) / price - pending))
         limits.append(Limit(name, info.name, money, association.used, pending, association.limit, wanted))
-    return Plan(side.cluster, system.name, price, limits, side.warnings)
+    return Plan(side.cluster, system.name, price, limits, warnings)
+
+
+def _refuse_sub_accounts(side: SlurmSide, mapped: dict[str, AccountInfo]) -> None:
+    """Slurm counts a sub-account's usage and run minutes in its parents' too (assoc_mgr rolls
+    them up), and holds its jobs to its parents' limits: a limit set from one account's money
+    would be spent by another's jobs. Refused where a mapped account has a mapped ancestor."""
+    nested = []
+    for name in sorted(mapped):
+        seen = {name}
+        parent = side.associations[name].parent
+        while parent is not None and parent not in seen:
+            if parent in mapped:
+                nested.append(f"{name} (under {parent})")
+                break
+            seen.add(parent)
+            association = side.associations.get(parent)
+            parent = association.parent if association is not None else None
+    if nested:
+        raise LimitsRefused("Slurm sub-accounts under an account OpenAcct limits: " + ", ".join(nested)
+                            + "; Slurm counts a sub-account's usage in its parent's too, which limits mode "
+                            "cannot split: give each OpenAcct account a Slurm account directly under root "
+                            "(or an account OpenAcct does not know)")
 
 
 def _payable(session: Session, info: AccountInfo, at: dt.datetime) -> Decimal:
@@ -367,6 +445,11 @@ def apply(found: Plan) -> list[str]:
 
 
 def keep_in_step(session: Session, *, dry_run: bool = False) -> tuple[Plan, list[str]]:
-    """Read Slurm, work out every limit, and set those that change (none with ``dry_run``)."""
+    """Read Slurm, work out every limit, and set those that change (none with ``dry_run``).
+
+    One run at a time (an advisory lock in the session's transaction, from before Slurm is read
+    until its limits are set): a run that read Slurm and the ledger before a transfer must not
+    set its older, higher limit after the transfer's run set the lower one."""
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LIMITS_LOCK})
     found = plan(session, read_slurm())
     return found, ([] if dry_run else apply(found))

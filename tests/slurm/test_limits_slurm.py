@@ -8,6 +8,9 @@ two-minute limit needs 2 minutes, 0.00041.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ import pytest
 from sqlalchemy import Engine
 
 from shared import db
+from shared.slurm import limits
 from tests.pipeline import OPENACCT, RedisServer, wait_for
 from tests.slurm.harness import Slurm
 from tests.slurm.lab import assert_charged_as_sacct_says, pipeline_env, start_pipeline, wait_until_recorded
@@ -52,6 +56,12 @@ def limits_mode(lab: Engine, slurm: Slurm, slurm_spool: Path) -> Iterator[dict[s
         slurm.restart_slurmctld()
 
 
+def oa_system_id(cluster: str) -> int:
+    from openacct import shortcuts as oa
+
+    return oa.get_system(cluster).id
+
+
 def openacct(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([OPENACCT, *args], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -81,6 +91,11 @@ def test_a_job_its_account_cannot_pay_waits_for_slurms_limit_until_a_deposit(
     assert "GrpTRESMins=billing=0" in out and billing_minutes(slurm, "poor") == ("0", 0)
     job = slurm.submit(POOR, "-t", "2", "--wrap", "sleep 1")
     wait_for(lambda: reason(slurm, job) == "PENDING AssocGrpBillingMinutes", 30, "Slurm's own limit reason")
+    # squeue's fields as limits mode reads them: the job's own id, and its submit time in epoch seconds.
+    # (slurm.env has SLURM_TIME_FORMAT=%s, as limits mode gives its commands.)
+    [listed] = [j for j in limits.parse_jobs(slurm.run("squeue", "-a", "-h", "-t", "all", "-O",
+                                                       limits.SQUEUE_FORMAT).stdout) if j.job_id == job]
+    assert (listed.account, listed.state, listed.qos) == ("poor", "PENDING", "normal")
 
     deposit = subprocess.run([OPENACCT, "deposit", "poor", "1", "--start", "2000-01-01"], env=limits_mode,
                              capture_output=True, text=True, timeout=120)
@@ -96,6 +111,10 @@ def test_a_job_its_account_cannot_pay_waits_for_slurms_limit_until_a_deposit(
         for process in processes:
             process.stop()
     assert_charged_as_sacct_says(lab, [record])
+    # The ledger's (job id, submit time) is the one squeue lists: a charged job is known as charged.
+    with db.session_scope() as s:
+        ended = dataclasses.replace(listed, state="COMPLETED")
+        assert limits._charged_ends(s, oa_system_id(slurm.cluster), [ended]) == {(job, listed.submit_time)}
     # Charged, and counted by Slurm: the limit is what is left, in Slurm's terms.
     openacct(limits_mode, "slurm", "limits")
     limit, used = billing_minutes(slurm, "poor")
@@ -122,3 +141,47 @@ def test_two_jobs_that_together_exceed_the_balance_never_both_run(
         assert billing_minutes(slurm, "poor")[0] == "2"
         time.sleep(25)
     assert slurm.job_state(first) == "RUNNING" and reason(slurm, second) == "PENDING AssocGrpBillingMinutes"
+
+
+def test_jobs_in_hidden_partitions_count_and_so_does_their_qos_usage_factor(
+    lab: Engine, slurm: Slurm, limits_mode: dict[str, str]
+) -> None:
+    """squeue lists jobs of a hidden partition only with -a; Slurm multiplies a job's usage by its
+    QoS's UsageFactor (sacctmgr's), so pending does too. SLURM_TIME_FORMAT is the command's own.
+    An account of its own ("shade"): jobs of the tests before may still be listed under "poor"."""
+    from openacct import shortcuts as oa
+
+    with db.session_scope():
+        oa.create_project("shade", pi="root")
+        oa.grant_service_access(f"{slurm.cluster}-core-hours", project="shade")
+        oa.deposit("shade", "1", start="2000-01-01")
+    slurm.add_account("shade", ["root"])
+    slurm.run("sacctmgr", "-i", "add", "qos", "double", "UsageFactor=2")
+    slurm.run("sacctmgr", "-i", "modify", "user", "where", "name=root", "account=shade", "set", "qos+=double")
+    env = {k: v for k, v in limits_mode.items() if k != "SLURM_TIME_FORMAT"}
+    env["OPENACCT_SLURM_BILLING_MINUTE_PRICE"] = json.dumps({slurm.cluster: "0.000205"})  # derived: refused
+
+    def used_seconds(job: str) -> int:
+        [listed] = [j for j in limits.parse_jobs(slurm.run("squeue", "-a", "-h", "-j", job, "-O",
+                                                           limits.SQUEUE_FORMAT).stdout)]
+        return listed.used_seconds
+
+    try:
+        slurm.run("scontrol", "update", "PartitionName=debug", "Hidden=YES")
+        job = slurm.submit("--account=shade", "--qos=double", "-c", "8", "-t", "5", "--wrap", "sleep 120")
+        slurm.wait_for_state(job, "RUNNING")
+        # slurmctld shows operators (root here) every job; the reporter may run as a user who is
+        # none, from whom a hidden partition's jobs are hidden unless squeue is given -a.
+        assert job in [j.job_id for j in limits.parse_jobs(slurm.run(*limits.SQUEUE, user="labuser").stdout)]
+        time.sleep(20)
+        before = used_seconds(job)
+        out = json.loads(openacct(env, "slurm", "limits", "--dry-run", "--json").stdout)
+        after = used_seconds(job)
+        [row] = [r for r in out["limits"] if r["slurm_account"] == "shade"]
+        # billing 8 (CPUs) x UsageFactor 2 x its seconds / 60, rounded up
+        assert math.ceil(16 * before / 60) <= row["pending"] <= math.ceil(16 * after / 60), (before, after, row)
+        assert row["wanted"] == row["used"] + 4878 - row["pending"]
+    finally:
+        slurm.cancel_all()
+        slurm.run("scontrol", "update", "PartitionName=debug", "Hidden=NO", check=False)
+        slurm.run("sacctmgr", "-i", "delete", "qos", "double", check=False)
