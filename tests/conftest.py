@@ -9,8 +9,10 @@ run: see ``no_server_outlives_the_run``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -37,6 +39,41 @@ RUN_DATA = Path(tempfile.mkdtemp(prefix="openacct-tests-"))
 os.environ["OPENACCT_DATA_DIR"] = str(RUN_DATA)
 
 
+# --------------------------------------------------------------------------- machine_servers
+# .ci/run runs make test twice: on embedded servers (pass 1), then on the machine's (pass 2,
+# make test-machine), where Slurm's packages are installed. Pass 2 runs exactly the tests whose
+# outcome can depend on what differs there, marked machine_servers here and nowhere else:
+#  - every test on the database (the database_url fixture, directly or through another): the
+#    machine's PostgreSQL is another major version (Debian's 15, the oldest docs/deploy.md
+#    supports; the embedded one is 18), a server reached over TCP, where roles are the cluster's;
+#  - every test in a module that names RabbitMQ's URL (OPENACCT_TEST_AMQP_URL: its broker
+#    variant runs only where that is set) or a Slurm or MUNGE tool, which pass 2 finds installed.
+# Every other test runs on the same embedded Redis, the same files and the same Python in both
+# passes: pass 1 is its run. A test that depends on the machine another way must say so with
+# @pytest.mark.machine_servers.
+MACHINE_SERVER_FIXTURES = frozenset({"database_url"})
+# The tools OpenAcct runs (shared/slurm, openacct/api/munge.py), and where it looks for Slurm's.
+MACHINE_SERVER_WORDS = re.compile(r"\b(OPENACCT_TEST_AMQP_URL|sacct|sacctmgr|squeue|scontrol|munge|unmunge|munged"
+                                  r"|slurm_bin_dir|OPENACCT_SLURM_BIN_DIR)\b", re.IGNORECASE)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "machine_servers: its outcome can depend on the machine's servers or "
+                                       "Slurm's packages (set in tests/conftest.py; make test-machine runs these)")
+
+
+@functools.cache
+def _names_a_machine_tool(module: Path) -> bool:
+    return MACHINE_SERVER_WORDS.search(module.read_text(errors="replace")) is not None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if (MACHINE_SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or (item.path.suffix == ".py" and _names_a_machine_tool(item.path))):
+            item.add_marker(pytest.mark.machine_servers)
+
+
 def _server_url(tmp_root: Path) -> str:
     given = os.environ.get("OPENACCT_DATABASE_URL")
     if given:
@@ -59,6 +96,15 @@ def no_server_outlives_the_run(tmp_path_factory: pytest.TempPathFactory) -> Iter
         for state in root.rglob(local_instance.STATE_FILE):
             local_instance.stop(state.parent, delete_data=True)
     shutil.rmtree(RUN_DATA, ignore_errors=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """What collecting the tests started under RUN_DATA, stopped where the fixture above never ran
+    (--collect-only, or a -m that selects nothing): collecting alone once left a Redis running."""
+    if RUN_DATA.exists():
+        for state in RUN_DATA.rglob(local_instance.STATE_FILE):
+            local_instance.stop(state.parent, delete_data=True)
+        shutil.rmtree(RUN_DATA, ignore_errors=True)
 
 
 def _interrupt_the_run(pytest_pid: int) -> Callable[[int, Any], None]:

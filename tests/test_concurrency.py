@@ -5,10 +5,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
 
 from sqlalchemy import Engine
 
-from tests.conftest import QUICKSTART
+# tests.conftest's own, not imported from it: each spawned worker imports this module, and the
+# conftest would make every one import pytest and a temporary data directory of its own.
+QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart.py"
 
 WORKERS = 8
 CHARGES_EACH = 500
@@ -20,7 +23,7 @@ def _quantity(worker: int, i: int) -> Decimal:
     return Decimal(i % 13 + 1) * Decimal("0.37") + Decimal(worker) / 1000
 
 
-def _charge_many(url: str, worker: int, start: multiprocessing.synchronize.Event) -> None:
+def _charge_many(url: str, worker: int, start: multiprocessing.synchronize.Barrier) -> None:
     os.environ["OPENACCT_DATABASE_URL"] = url
     from openacct.shortcuts import get_account, get_service, get_user
     from shared import ledger
@@ -33,7 +36,7 @@ def _charge_many(url: str, worker: int, start: multiprocessing.synchronize.Event
             ledger.charge(session, account, service, _quantity(worker, i), user=user, key=f"w{worker}-{i}")
 
 
-def _transfer_many(url: str, worker: int, start: multiprocessing.synchronize.Event, refused: multiprocessing.Queue) -> None:
+def _transfer_many(url: str, worker: int, start: multiprocessing.synchronize.Barrier, refused: multiprocessing.Queue) -> None:
     os.environ["OPENACCT_DATABASE_URL"] = url
     from openacct.shortcuts import transfer
     from shared.errors import InsufficientFunds
@@ -58,11 +61,12 @@ def _load_center() -> None:
 
 def _run(target, args_for) -> None:  # type: ignore[no-untyped-def]
     ctx = multiprocessing.get_context("spawn")
-    start = ctx.Event()
+    # Every worker waits there for the others, once imported: they start at once
+    # (an event set as they are spawned let the first ones start while the last were importing).
+    start = ctx.Barrier(WORKERS, timeout=120)
     procs = [ctx.Process(target=target, args=args_for(ctx, w, start)) for w in range(WORKERS)]
     for p in procs:
         p.start()
-    start.set()
     for p in procs:
         p.join(timeout=240)
         assert p.exitcode == 0, f"worker exited with {p.exitcode}"

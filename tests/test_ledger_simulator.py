@@ -11,8 +11,8 @@ times must be the model's too, and ``ledger.verify`` must find nothing new.
 Each sequence has a center of its own (system, service, project, accounts a, b and c) and a
 simulated clock (``ledger.now``) that starts at T0 and only moves forward.
 
-It runs for OPENACCT_SIM_SECONDS (default 60) in rounds of hypothesis runs, each with a seed of
-its own; ``make simulate SECONDS=600`` runs longer. A failure shows the shrunk sequence and the
+It runs for OPENACCT_SIM_SECONDS (default 30: its share of ``make test``) in rounds of hypothesis
+runs, each with a seed of its own; ``make simulate SECONDS=600`` runs longer. A failure shows the shrunk sequence and the
 round to replay: OPENACCT_SIM_SEED=<seed> OPENACCT_SIM_EXAMPLES=<n> runs that round alone.
 """
 
@@ -813,7 +813,7 @@ def run_round(seed: int, examples: int) -> None:
 
 def test_the_ledger_against_its_model(committed: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ledger, "now", CLOCK)
-    budget = float(os.environ.get("OPENACCT_SIM_SECONDS", "60"))
+    budget = float(os.environ.get("OPENACCT_SIM_SECONDS", "30"))
     started = time.monotonic()
     first = (STATS.sequences, STATS.operations)
     rounds = 0
