@@ -8,10 +8,12 @@ its events with ``openacct deadletter replay``.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -85,8 +87,36 @@ def count_delivery(delivery_id: str) -> int:
         ).scalar_one()
 
 
-def run_batch(task: Any, message: Any, handler: Handler, source: str) -> dict[str, int]:
-    """Apply one delivered batch, as the worker ``source``; counted here for every worker."""
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cycle collector off while a batch is applied, back on after.
+
+    A batch makes hundreds of thousands of short-lived objects (events, plans, rows), freed by
+    their reference counts; meanwhile the collector would walk the worker's whole heap (Celery,
+    SQLAlchemy, pydantic: about a fifth of the charger's CPU). Cycles a batch makes are collected
+    once it is on again. Only whoever turned it off turns it back on, so nesting, or a site that
+    runs with it off, keeps what it had."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+def run_batch(task: Any, message: Any, handler: Handler, source: str, *, pause_gc: bool = False) -> dict[str, int]:
+    """Apply one delivered batch, as the worker ``source``; counted here for every worker.
+    ``pause_gc``: with the cycle collector off (``gc_paused``), for a worker whose batches are
+    many small events (the charger), not long reports."""
+    if pause_gc:
+        with gc_paused():
+            return _run_batch(task, message, handler, source)
+    return _run_batch(task, message, handler, source)
+
+
+def _run_batch(task: Any, message: Any, handler: Handler, source: str) -> dict[str, int]:
     started = time.monotonic()
     with logs.context(worker=source, task_id=task.request.id):
         try:

@@ -383,7 +383,7 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
     (all in one order, or two batches could deadlock).
     """
     result = ChargeResult({}, {})
-    holding = list(session.scalars(select(OpenHold.account_id).where(bulk.any_of(OpenHold.job_id, settles)))) \
+    holding = [row[0] for row in bulk.select_where_any(session, OpenHold.__table__, ("account_id",), "job_id", settles)] \
         if settles else []
     if not requests:
         _lock_accounts(session, *holding)
@@ -401,9 +401,9 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
             continue
         priced.append((r, *found))
 
-    for key, txn_id, digest in session.execute(
-        select(LedgerTransaction.idempotency_key, LedgerTransaction.id, LedgerTransaction.request_hash)
-        .where(bulk.any_of(LedgerTransaction.idempotency_key, [r.key for r, _, _ in priced]))
+    for key, txn_id, digest in bulk.select_where_any(
+        session, LedgerTransaction.__table__, ("idempotency_key", "id", "request_hash"), "idempotency_key",
+        [r.key for r, _, _ in priced],
     ):
         if digest == by_key[key].request_hash:
             result.transactions[key] = txn_id
@@ -416,17 +416,26 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
 
     # The transactions go in before the accounts are locked: their unique keys settle any race
     # on a key, and other writers on these accounts wait only while the money is drawn.
-    inserted = bulk.insert_rows(
+    # one order of key locks for every writer: two batches never deadlock on keys
+    in_order = sorted(todo, key=lambda t: t[0].key)
+    multipliers: dict[int, str] = {}  # money_str of each multiplier object (all alive meanwhile)
+    details = []
+    for r, _, _ in in_order:
+        shown = multipliers.get(id(r.multiplier))
+        if shown is None:
+            shown = multipliers[id(r.multiplier)] = money_str(r.multiplier)
+        details.append(json.dumps({"multiplier": shown, **r.details}))
+    # As columns, not a dict per row: the charger writes thousands per batch.
+    inserted = bulk.insert_columns(
         session, LedgerTransaction.__table__,
-        [
-            {"kind": "charge", "idempotency_key": r.key, "request_hash": r.request_hash,
-             "amount": amount, "account_id": r.account_id, "service_id": r.service_id,
-             "quantity": r.quantity, "rate": rate, "user_id": r.user_id, "job_id": r.job_id,
-             "effective_at": r.effective_at, "description": r.description, "actor": r.actor,
-             "details": json.dumps({"multiplier": money_str(r.multiplier), **r.details})}
-            # one order of key locks for every writer: two batches never deadlock on keys
-            for r, rate, amount in sorted(todo, key=lambda t: t[0].key)
-        ],
+        {"kind": ["charge"] * len(in_order), "idempotency_key": [r.key for r, _, _ in in_order],
+         "request_hash": [r.request_hash for r, _, _ in in_order], "amount": [a for _, _, a in in_order],
+         "account_id": [r.account_id for r, _, _ in in_order], "service_id": [r.service_id for r, _, _ in in_order],
+         "quantity": [r.quantity for r, _, _ in in_order], "rate": [rate for _, rate, _ in in_order],
+         "user_id": [r.user_id for r, _, _ in in_order], "job_id": [r.job_id for r, _, _ in in_order],
+         "effective_at": [r.effective_at for r, _, _ in in_order],
+         "description": [r.description for r, _, _ in in_order], "actor": [r.actor for r, _, _ in in_order],
+         "details": details},
         on_conflict="(idempotency_key) DO NOTHING", returning=("idempotency_key", "id"),
     )
     written = dict(inserted)
@@ -444,17 +453,20 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
     account_ids = sorted({r.account_id for r, _, _ in todo if r.key in written})
     _lock_accounts(session, *account_ids, *holding)
     buckets = _buckets(session, account_ids)
-    entries = []
+    entries: dict[str, list[Any]] = {"transaction_id": [], "account_id": [], "allocation_id": [], "bucket": [],
+                                     "amount": [], "effective_at": []}
     for r, _, amount in todo:
         if r.key not in written:
             continue  # sorted above: replayed or refused
         for allocation, part in _draw(buckets.get(r.account_id, ()), amount, r.effective_at):
-            allocation_id = allocation.id if allocation else None
-            entries.append({"transaction_id": written[r.key], "account_id": r.account_id,
-                            "allocation_id": allocation_id, "bucket": "charged",
-                            "amount": part, "effective_at": r.effective_at})
-    if entries:  # the database adds them to the running totals (migration 0011)
-        bulk.insert_rows(session, LedgerEntry.__table__, entries)
+            entries["transaction_id"].append(written[r.key])
+            entries["account_id"].append(r.account_id)
+            entries["allocation_id"].append(allocation.id if allocation else None)
+            entries["bucket"].append("charged")
+            entries["amount"].append(part)
+            entries["effective_at"].append(r.effective_at)
+    if entries["transaction_id"]:  # the database adds them to the running totals (migration 0011)
+        bulk.insert_columns(session, LedgerEntry.__table__, entries)
     return result
 
 

@@ -37,6 +37,7 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
     gpus_at_start = _gpus_at_start(session, directory, [e for e, _ in fresh])
     refused = refused_runs(session, directory, (e for e, _ in fresh))
     settings = get_settings()
+    free_states = set(settings.free_states)
     plans: list[Plan] = []
     planned: set[str] = set()
     for event, raw in fresh:
@@ -47,8 +48,8 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
             outcome.duplicates += 1
             continue
         try:
-            plans.append(plan(session, directory, event, set(settings.free_states),
-                              gpus_at_start.get(_gpu_key(directory, event)), refused))
+            plans.append(plan(session, directory, event, free_states,
+                              gpus_at_start.get(_gpu_key(directory, event)) if gpus_at_start else None, refused))
             planned.add(event.event_id)
         except Unresolved as exc:
             parked.append(Parked(raw, str(exc), event.event_id, event.kind, source))
@@ -61,24 +62,24 @@ def charge_events(session: Session, items: list[Any], *, source: str = "") -> Ou
     requests = []
     ended: list[int] = []
     for done in final:
-        if done.event.event_id not in claimed:
+        event = done.event
+        if event.event_id not in claimed:
             continue
         job_id = job_ids[job_key(done.job)]
-        if isinstance(done.event, JobCompleted):
+        if isinstance(event, JobCompleted):
             ended.append(job_id)  # a run requeued too: the next run holds under its own row
         outcome.recorded += 1
-        if done.charges:
-            outcome.charged += 1
+        if not done.charges:
+            continue
+        outcome.charged += 1
+        user_id, end_time = done.job["user_id"], event.end_time  # type: ignore[union-attr]
         for c in done.charges:
             requests.append(ledger.ChargeRequest(
                 key=c["key"], account_id=c["account_id"], service_id=c["service_id"],
-                quantity=c["quantity"], exact_quantity=c["exact_quantity"],
-                effective_at=done.event.end_time,  # type: ignore[union-attr]
-                multiplier=c["multiplier"], user_id=done.job["user_id"], job_id=job_id,
-                details=c["details"], actor="charger",
+                quantity=c["quantity"], exact_quantity=c["exact_quantity"], effective_at=end_time,
+                multiplier=c["multiplier"], user_id=user_id, job_id=job_id, details=c["details"], actor="charger",
                 request_hash=ledger.charge_request_hash(
-                    c["account_id"], c["service_id"], c["quantity"], c["multiplier"],
-                    done.job["user_id"], job_id, done.event.end_time),  # type: ignore[union-attr]
+                    c["account_id"], c["service_id"], c["quantity"], c["multiplier"], user_id, job_id, end_time),
             ))
     result = ledger.charge_many(session, requests, settles=ended)
     if result.refused:

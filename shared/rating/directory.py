@@ -54,11 +54,23 @@ class SystemInfo:
     name: str
     services: dict[str, tuple[int, str]] = field(default_factory=dict)  # resource -> (id, name)
     multipliers: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    # (partition, qos) -> what ``charge_multipliers`` gives: a batch asks the same few pairs
+    _charging: dict[tuple[str | None, str | None], tuple[Decimal, str, str]] = field(
+        default_factory=dict, repr=False, compare=False)
 
     def multiplier(self, partition: str | None, qos: str | None) -> Decimal:
         """What a job in this partition and QoS pays per unit, times the rate."""
         return (self.multipliers.get(("partition", partition or ""), Decimal(1))
                 * self.multipliers.get(("qos", qos or ""), Decimal(1)))
+
+    def charging(self, partition: str | None, qos: str | None) -> tuple[Decimal, str, str]:
+        """(multiplier, the partition's alone, the QoS's alone, both as text): what a charge
+        records, computed once per pair (the directory, and so this, lives for one batch)."""
+        found = self._charging.get((partition, qos))
+        if found is None:
+            found = self._charging[(partition, qos)] = (
+                self.multiplier(partition, qos), str(self.multiplier(partition, None)), str(self.multiplier(None, qos)))
+        return found
 
 
 @dataclass
@@ -71,12 +83,13 @@ class Directory:
 
     @classmethod
     def load(cls, session: Session, events: Iterable[JobStarted | JobCompleted]) -> Directory:
-        events = list(events)
-        systems = _systems(session, {e.system for e in events})
+        # The distinct names first: a batch names a few systems, users and accounts thousands of times.
+        named = {(e.system, e.user, e.account) for e in events}
+        systems = _systems(session, {system for system, _, _ in named})
         sys_ids = {name: s.id for name, s in systems.items()}
-        users = _names(session, User, "user", {(sys_ids[e.system], e.user) for e in events if e.system in sys_ids})
-        accounts = _accounts(session, {(sys_ids[e.system], e.account) for e in events
-                                       if e.system in sys_ids and e.account})
+        users = _names(session, User, "user", {(sys_ids[system], user) for system, user, _ in named if system in sys_ids})
+        accounts = _accounts(session, {(sys_ids[system], account) for system, _, account in named
+                                       if system in sys_ids and account})
         project_ids = {a.project_id for a in accounts.values()}
         account_ids = {a.id for a in accounts.values()}
         members = set(map(tuple, session.execute(

@@ -91,7 +91,7 @@ def plan(session: Session, directory: Directory, event: JobStarted | JobComplete
         policy = f"state {state} is not the end of a run"
         result.final = False
         job["end_time"] = None  # not ended: and a finished job's row is not reopened by it
-    elif job_key(job) in refused:  # requeued by Slurm (or cancelled) before it ran
+    elif refused and job_key(job) in refused:  # requeued by Slurm (or cancelled) before it ran
         policy = REFUSED
     elif state in free_states:
         policy = f"state {state} is not charged"
@@ -103,7 +103,7 @@ def plan(session: Session, directory: Directory, event: JobStarted | JobComplete
     if policy != CHARGED:
         return result
 
-    multiplier = system.multiplier(event.partition, event.qos)
+    multiplier, partition_multiplier, qos_multiplier = system.charging(event.partition, event.qos)
     for resource, attribute in RESOURCE_COUNT.items():
         count = getattr(event, attribute)
         if resource == "gpu" and count is None:
@@ -122,8 +122,8 @@ def plan(session: Session, directory: Directory, event: JobStarted | JobComplete
             "details": {
                 "event_id": event.event_id, "resource": resource, "count": count,
                 "elapsed_seconds": elapsed, "state": state, "policy": policy,
-                "partition_multiplier": str(system.multiplier(event.partition, None)),
-                "qos_multiplier": str(system.multiplier(None, event.qos)),
+                "partition_multiplier": partition_multiplier,
+                "qos_multiplier": qos_multiplier,
                 "service": service_name,
             },
         })
@@ -167,10 +167,9 @@ def refused_runs(session: Session, directory: Directory,
     ends = [e for e in events if isinstance(e, JobCompleted) and e.system in directory.systems]
     if not ends:
         return set()
-    return {tuple(row) for row in session.execute(
-        select(*(getattr(Job, column) for column in JOB_KEY))
-        .where(Job.system_id.in_({directory.systems[e.system].id for e in ends}),
-               bulk.any_of(Job.job_id, {e.job_id for e in ends}), Job.charge_policy == REFUSED))}
+    return set(bulk.select_where_any(
+        session, Job.__table__, JOB_KEY, "job_id", {e.job_id for e in ends},
+        also={"system_id": {directory.systems[e.system].id for e in ends}, "charge_policy": REFUSED}))
 
 
 __all__ = ["CHARGED", "NOT_FINISHED", "REFUSED", "REQUEUED", "Plan", "plan", "refused_runs"]

@@ -27,7 +27,6 @@ Quantity = Decimal | Fraction
 ONE = Decimal(1)
 SECONDS_PER_HOUR = 3600
 _SCALE = 10**MONEY_SCALE
-_HALF = Fraction(1, 2)
 
 
 def hours(count: int, seconds: int) -> Fraction:
@@ -35,16 +34,33 @@ def hours(count: int, seconds: int) -> Fraction:
     return Fraction(count * seconds, SECONDS_PER_HOUR)
 
 
+def _ratio(value: Quantity | int) -> tuple[int, int]:
+    """``value`` exactly, as numerator and (positive) denominator: what ``Fraction(value)`` holds,
+    without building one (the charger prices thousands of charges per batch)."""
+    if isinstance(value, Decimal | Fraction | int):
+        return value.as_integer_ratio()  # NaN and infinities raise as Fraction(value) does
+    exact = Fraction(value)
+    return exact.numerator, exact.denominator
+
+
+def _rounded_ratio(numerator: int, denominator: int) -> Decimal:
+    """numerator / denominator (denominator > 0) half up (away from zero) to 6 places, in integers:
+    floor(|n| x 10^6 / d + 1/2) = (2 |n| 10^6 + d) // 2d, exactly as the Fraction it stands for."""
+    units = (2 * _SCALE * abs(numerator) + denominator) // (2 * denominator)
+    return Decimal(units if numerator >= 0 else -units).scaleb(-MONEY_SCALE)
+
+
 def rounded(value: Quantity) -> Decimal:
     """Half up (away from zero) to the ledger's 6 places, from the exact value."""
-    exact = Fraction(value)
-    units = int(abs(exact) * _SCALE + _HALF)
-    return Decimal(units if exact >= 0 else -units).scaleb(-MONEY_SCALE)
+    return _rounded_ratio(*_ratio(value))
 
 
 def price(quantity: Quantity, rate: Decimal, multiplier: Decimal = ONE) -> Decimal:
     """quantity x rate x multiplier, exactly, rounded once: the price of every charge."""
-    amount = rounded(Fraction(quantity) * Fraction(rate) * Fraction(multiplier))
+    qn, qd = _ratio(quantity)
+    rn, rd = _ratio(rate)
+    mn, md = _ratio(multiplier)
+    amount = _rounded_ratio(qn * rn * mn, qd * rd * md)
     if amount.copy_abs() >= MAX_STORED_MONEY:
         raise InvalidInput(f"amount {amount:.6E} is too large to record (the limit is {MAX_STORED_MONEY:,.0f}); "
                            "check the quantity and the rate")

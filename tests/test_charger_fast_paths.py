@@ -1,0 +1,115 @@
+"""What the charger's faster paths must keep: each test here fails on a way the speed-ups
+could have gone wrong (issue 16: the charger's CPU per event)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import json
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import Connection
+
+from services.charger.batch import charge_events
+from shared import bulk, inbox
+from shared.batches import gc_paused
+from shared.db import session_scope
+from shared.events import EventRejected, parse_event
+from shared.jobs import JOB_KEY, _order, job_key
+from shared.models import ChargeMultiplier, LedgerTransaction, ProcessedEvent, System
+from tests.events import job_completed, raw
+
+
+def test_job_key_spelled_out_follows_job_key_columns() -> None:
+    job = {column: f"value of {column}" for column in JOB_KEY}
+    assert job_key(job) == tuple(job[c] for c in JOB_KEY)
+    assert job_key({}) == (None,) * len(JOB_KEY)
+    assert _order(job) == tuple((True, job[c]) for c in JOB_KEY)
+    assert _order({"job_id": "7"}) == tuple((c == "job_id", "7" if c == "job_id" else None) for c in JOB_KEY)
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00"])
+def test_a_time_utc_cannot_hold_is_refused_with_the_reason(when: str) -> None:
+    """The bounds are checked in UTC (converted first, for speed): a time whose conversion
+    overflows must be refused as implausible, not crash the batch."""
+    event = json.loads(raw(job_completed(1)))
+    event["end_time"] = when
+    with pytest.raises(EventRejected, match=r"end_time: is not a plausible time \(before 1990 or in the future\)"):
+        parse_event(json.dumps(event))
+
+
+def test_times_with_offsets_are_kept_as_the_same_instant_in_utc() -> None:
+    event = json.loads(raw(job_completed(1)))
+    end = dt.datetime.fromisoformat(event["end_time"])
+    event["end_time"] = end.astimezone(dt.timezone(dt.timedelta(hours=-7))).isoformat()
+    parsed = parse_event(json.dumps(event))
+    assert parsed.end_time == end and parsed.end_time.tzinfo is dt.UTC  # type: ignore[union-attr]
+
+
+def test_gc_paused_gives_the_collector_back_even_on_error_and_keeps_it_off_if_it_was() -> None:
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():  # nested: the inner one does not turn it back on
+            pass
+        assert not gc.isenabled()
+        raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a site that runs with it off keeps it off
+    finally:
+        gc.enable()
+
+
+def test_binary_lookups_see_what_the_session_has_not_flushed_yet(db_connection: Connection) -> None:
+    """The inbox and the ledger look keys up on the raw connection: pending ORM rows must be
+    flushed first, as a query through the session would."""
+    with session_scope() as s:
+        s.add(ProcessedEvent(event_id="job.completed:pending", kind="job.completed"))
+        assert inbox.applied(s, ["job.completed:pending", "job.completed:other"]) == {"job.completed:pending"}
+        assert bulk.select_where_any(s, ProcessedEvent.__table__, ("event_id", "kind"), "event_id",
+                                     {"job.completed:pending"}, also={"kind": "job.completed"}) == \
+            [("job.completed:pending", "job.completed")]
+        assert bulk.select_where_any(s, ProcessedEvent.__table__, ("event_id",), "event_id",
+                                     ["job.completed:pending"], also={"kind": ["refund.requested"]}) == []
+
+
+def test_claim_keeps_one_row_per_id_and_says_which_it_claimed(db_connection: Connection) -> None:
+    with session_scope() as s:
+        assert inbox.claim(s, [("b", "job.completed"), ("a", "job.started"), ("b", "job.completed")]) == {"a", "b"}
+        assert inbox.claim(s, [("a", "job.started"), ("c", "job.completed")]) == {"c"}
+        assert inbox.claim(s, []) == set()
+        assert inbox.applied(s, ["a", "b", "c", "d"]) == {"a", "b", "c"}
+
+
+@pytest.mark.usefixtures("quickstart")
+def test_each_partition_and_qos_of_a_batch_is_priced_with_its_own_multipliers() -> None:
+    """The multipliers are worked out once per (partition, QoS) and batch: two pairs in one batch
+    must not share them."""
+    from openacct.shortcuts import deposit
+
+    deposit("phys", "1000", start="2000-01-01")
+    with session_scope() as s:
+        system = s.query(System).filter_by(name="cluster").one()
+        s.add_all([ChargeMultiplier(system_id=system.id, kind="partition", name="gpu", multiplier=Decimal("2.5")),
+                   ChargeMultiplier(system_id=system.id, kind="qos", name="low", multiplier=Decimal("0.5"))])
+    events = [raw(job_completed(9001, partition="batch", cpus=4, seconds=3600)),
+              raw(job_completed(9002, partition="gpu", cpus=4, seconds=3600)),
+              raw(job_completed(9003, partition="gpu", qos="low", cpus=4, seconds=3600)),
+              raw(job_completed(9004, partition="batch", qos="low", cpus=4, seconds=3600))]
+    with session_scope() as s:
+        assert charge_events(s, events).charged == 4
+    with session_scope() as s:
+        found = {t.details["event_id"]: t for t in s.query(LedgerTransaction).filter_by(kind="charge")}
+        by_job = {json.loads(e)["job_id"]: found[json.loads(e)["event_id"]] for e in events}
+    rate = Decimal("0.05")  # the quick start's core-hour rate
+    for job_id, multiplier, partition, qos in [("9001", "1", "1", "1"), ("9002", "2.5", "2.5", "1"),
+                                               ("9003", "1.25", "2.5", "0.5"), ("9004", "0.5", "1", "0.5")]:
+        charge = by_job[job_id]
+        assert charge.amount == 4 * rate * Decimal(multiplier), job_id
+        shown = (Decimal(charge.details["partition_multiplier"]), Decimal(charge.details["qos_multiplier"]))
+        assert shown == (Decimal(partition), Decimal(qos)), job_id
