@@ -29,6 +29,7 @@ from openacct.cli import (
     receive,
     refunds,
     reports,
+    slurm,
     user,
 )
 from openacct.cli.limits import limit_app
@@ -136,7 +137,7 @@ app.add_typer(api.token_app, name="token")
 app.add_typer(center.member_app, name="member")
 app.add_typer(limit_app, name="limit")
 app.add_typer(center.account_app, name="account")
-app.add_typer(center.slurm_app, name="slurm")
+app.add_typer(slurm.slurm_app, name="slurm")
 app.add_typer(receive.receive_app, name="receive")
 app.add_typer(admission.admission_app, name="admission")
 app.add_typer(admission.holds_app, name="holds")

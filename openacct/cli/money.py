@@ -9,9 +9,9 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import aliased
 
 from openacct import shortcuts as sc
-from openacct.cli.center import limits_after_money_moved
 from openacct.cli.limits import COLUMNS as LIMIT_COLUMNS
 from openacct.cli.output import JsonFlag, done, emit_json, emit_rows
+from openacct.cli.slurm import limits_after_money_moved
 from shared import ledger, member_limits
 from shared.config import get_settings
 from shared.db import session_scope
