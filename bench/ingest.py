@@ -217,7 +217,6 @@ def main() -> None:
 
         signing.generate(tmp / "keys.json", "admin")  # the relay signs every batch, the charger checks it
         env = {**os.environ, "OPENACCT_DATABASE_URL": url, "OPENACCT_BROKER_URL": redis.url,
-               "OPENACCT_RELAY_BATCH_SIZE": os.environ.get("OPENACCT_RELAY_BATCH_SIZE", "2000"),
                "OPENACCT_SIGNING_KEY_FILE": str(tmp / "keys.json"), "PYTHONPATH": str(ROOT)}
         try:
             ours, cpu = run_openacct(url, env, tmp, args.events)
