@@ -33,7 +33,9 @@ from shared.spool import pending_events  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "slurm-22.05-hook-env.jsonl"
 OPENACCT = Path(sys.executable).with_name("openacct")
-TARGET_P50_MS, TARGET_P99_MS = 25.0, 50.0
+# Issue 16: against a bare start of the same interpreter, measured beside it (its p50), since
+# start-up is most of a hook and depends on the machine.
+TARGET_P50_RATIO, TARGET_P99_RATIO = 1.5, 2.5
 CLOSED_BROKER = "redis://127.0.0.1:1/0"
 WARMUP = 5
 
@@ -113,11 +115,11 @@ def main() -> int:
     passed = True
     for name in passes:
         p50, p99 = percentile(times[name], 50), percentile(times[name], 99)
-        ok = p50 <= TARGET_P50_MS and p99 <= TARGET_P99_MS
+        ok = p50 <= TARGET_P50_RATIO * bare_p50 and p99 <= TARGET_P99_RATIO * bare_p50
         passed &= ok
-        print(f"  {name:44} p50 {p50:5.1f} ms = {p50 / bare_p50:.1f}x bare interpreter start   "
-              f"p99 {p99:5.1f} ms   {'PASS' if ok else 'FAIL'}")
-    print(f"  targets: p50 <= {TARGET_P50_MS:.0f} ms, p99 <= {TARGET_P99_MS:.0f} ms")
+        print(f"  {name:44} p50 {p50:5.1f} ms = {p50 / bare_p50:.2f}x bare   "
+              f"p99 {p99:5.1f} ms = {p99 / bare_p50:.2f}x bare   {'PASS' if ok else 'FAIL'}")
+    print(f"  targets: p50 <= {TARGET_P50_RATIO}x and p99 <= {TARGET_P99_RATIO}x the bare interpreter's p50")
     expected = len(passes) * (WARMUP + args.runs)
     print(f"  events spooled {spooled} of {expected}, rejected {rejects}; connections to the broker: {broker.connections}")
     if spooled != expected or rejects or broker.connections:
