@@ -481,11 +481,18 @@ def test_publish_spools_a_big_file_in_batches_and_a_pipe_line_by_line_as_it_come
     env = {**os.environ, "OPENACCT_SPOOL_DIR": str(hook_settings), "OPENACCT_DEFAULT_SYSTEM": "lab"}
     record = env_of("jobcomp", "with-slurmdbd", JOBNAME="ok")
     lines = [json.dumps({**record, "JOBID": str(10_000 + i)}) + "\n" for i in range(5000)]
+    # A file is converted a batch of lines per process, on every core: a bad line in the third
+    # batch is named by its own line number, and every other line is spooled.
+    bad = lines[4000]
+    lines[4000] = json.dumps({**record, "JOBID": "x"}) + "\n"
     (tmp_path / "jobcomp.jsonl").write_text("".join(lines))
     done = subprocess.run([OPENACCT, "publish", "--from", "slurm-jobcomp", str(tmp_path / "jobcomp.jsonl")],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout == "spooled 5000, rejected 0\n", done.stderr
-    assert sorted(e["job_id"] for e in spooled(hook_settings)) == sorted(str(10_000 + i) for i in range(5000))
+    assert done.returncode == 1 and done.stdout == "spooled 4999, rejected 1\n", done.stderr
+    assert done.stderr.startswith("line 4001: JOBID is 'x'"), done.stderr
+    assert sorted(e["job_id"] for e in spooled(hook_settings)) == sorted(str(10_000 + i) for i in range(5000)
+                                                                        if i != 4000)
+    lines[4000] = bad
 
     piped = tmp_path / "piped"
     env["OPENACCT_SPOOL_DIR"] = str(piped)

@@ -6,15 +6,18 @@ is parked later for its shape; what fails is kept in the spool's ``reject/`` wit
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import json
+import os
 import select
+import stat
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from typing import IO, Annotated
+from typing import IO, Annotated, Any
 
 import typer
 
@@ -22,7 +25,7 @@ from shared import spool
 from shared.config import get_settings
 from shared.errors import InvalidInput
 from shared.events import EventRejected, parse_event
-from shared.job_event import BadInput, encode
+from shared.job_event import BadInput
 from shared.slurm import records as slurm
 
 # Lines spooled with one fsync: a backfill of millions of lines is bounded by the disk's writes,
@@ -50,33 +53,82 @@ def publish(
 ) -> None:
     """Validate events and spool them for the relay; exit 1 if any was rejected."""
     settings = get_settings()
-    spooled = rejected = skipped = 0
+    counts = {"event": 0, "reject": 0, "skip": 0}
     batch: list[tuple[str, bytes]] = []
     with _open(file) as stream:
-        for line, raw in _records(stream):
-            try:
-                data = raw if from_ is None else CONVERT[from_](raw, settings.default_system)
-                event = parse_event(data)
-            except Skipped:
-                skipped += 1
-                continue
-            except (EventRejected, BadInput) as exc:
-                kept = spool.reject(settings.spool_path, raw, str(exc), "publish")
-                typer.echo(f"line {line}: {exc} (kept in {kept})", err=True)
-                rejected += 1
-                continue
-            batch.append((event.event_id, data.rstrip() + b"\n"))
+        records = _records(stream)
+        # A file (a backfill of millions of lines) is converted on every core, a batch of lines at
+        # a time, and spooled in its order; a pipe line by line, as its lines come.
+        converted = (_in_parallel(records, from_, settings.default_system) if _is_file(stream)
+                     else (_convert(line, raw, from_, settings.default_system) for line, raw in records))
+        for line, kind, value in converted:
+            counts[kind] += 1
+            if kind == "reject":
+                raw, reason = value
+                kept = spool.reject(settings.spool_path, raw, reason, "publish")
+                typer.echo(f"line {line}: {reason} (kept in {kept})", err=True)
+            elif kind == "event":
+                batch.append(value)
             # One fsync per batch, not per line; a pipe that has nothing more for now is not
             # kept waiting for the batch to fill (tail -f | openacct publish -).
-            if len(batch) >= BATCH or not _more_ready(stream):
+            if batch and (len(batch) >= BATCH or not _more_ready(stream)):
                 spool.write_many(settings.spool_path, batch)
-                spooled += len(batch)
                 batch.clear()
         spool.write_many(settings.spool_path, batch)
-        spooled += len(batch)
-    typer.echo(f"spooled {spooled}, rejected {rejected}" + (f", skipped {skipped} records of other hooks" if skipped else ""))
-    if rejected:
+    skipped = f", skipped {counts['skip']} records of other hooks" if counts["skip"] else ""
+    typer.echo(f"spooled {counts['event']}, rejected {counts['reject']}{skipped}")
+    if counts["reject"]:
         raise typer.Exit(1)
+
+
+Converted = tuple[int, str, Any]  # (line, "event" | "reject" | "skip", (event id, data) | (raw, reason) | None)
+
+
+def _convert(line: int, raw: bytes, from_: RecordKind | None, default_system: str | None) -> Converted:
+    try:
+        data = raw if from_ is None else CONVERT[from_](raw, default_system)
+        event = parse_event(data)
+    except Skipped:
+        return line, "skip", None
+    except (EventRejected, BadInput) as exc:
+        return line, "reject", (raw, str(exc))
+    except UnicodeEncodeError as exc:  # a record's text that was not UTF-8 where it counts
+        return line, "reject", (raw, f"not UTF-8 text: {exc.reason} at {exc.start}")
+    return line, "event", (event.event_id, data.rstrip() + b"\n")
+
+
+def _convert_batch(records: list[tuple[int, bytes]], from_: RecordKind | None,
+                   default_system: str | None) -> list[Converted]:
+    return [_convert(line, raw, from_, default_system) for line, raw in records]
+
+
+def _in_parallel(records: Iterator[tuple[int, bytes]], from_: RecordKind | None,
+                 default_system: str | None) -> Iterator[Converted]:
+    """``_convert`` of every record, in their order, by a process per core, a batch each, with a
+    few batches in flight (a file of millions of lines is never all in memory)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores < 2:
+        yield from (_convert(line, raw, from_, default_system) for line, raw in records)
+        return
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    with ProcessPoolExecutor(cores) as pool:
+        in_flight: collections.deque[Future[list[Converted]]] = collections.deque()
+        while True:
+            chunk = list(itertools.islice(records, BATCH))
+            if chunk:
+                in_flight.append(pool.submit(_convert_batch, chunk, from_, default_system))
+            if in_flight and (not chunk or len(in_flight) > 2 * cores):
+                yield from in_flight.popleft().result()
+            if not chunk and not in_flight:
+                return
+
+
+def _is_file(stream: IO[bytes]) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _more_ready(stream: IO[bytes]) -> bool:
@@ -137,7 +189,7 @@ def _from_jobcomp(raw: bytes, default_system: str | None) -> bytes:
     if not isinstance(record, dict) or not all(isinstance(v, str | int) for v in record.values()):
         raise BadInput("not a jobcomp environment: want a JSON object of variable names to strings")
     env = {str(k): str(v) for k, v in record.items()}
-    return encode(slurm.jobcomp_event(env, int(time.time()), default_system, source="publish:slurm-jobcomp"))
+    return _dump(slurm.jobcomp_event(env, int(time.time()), default_system, source="publish:slurm-jobcomp"))
 
 
 def _from_elasticsearch(raw: bytes, default_system: str | None) -> bytes:
@@ -154,7 +206,14 @@ def _from_elasticsearch(raw: bytes, default_system: str | None) -> bytes:
     if not isinstance(system, str):
         raise BadInput("the record names no cluster: set default_system (OPENACCT_DEFAULT_SYSTEM)")
     event = slurm.elasticsearch_event(record, system, int(time.time()))
-    return encode({**event, "source": "publish:slurm-elasticsearch"})
+    return _dump({**event, "source": "publish:slurm-elasticsearch"})
+
+
+def _dump(event: dict[str, object]) -> bytes:
+    """One line of JSON, as ``shared.job_event.encode`` writes it for the hooks (which cannot
+    afford importing json), in C here: a backfill writes millions. Raises UnicodeEncodeError for
+    text that was not UTF-8 to begin with."""
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
 CONVERT = {RecordKind.slurm_jobcomp: _from_jobcomp, RecordKind.slurm_elasticsearch: _from_elasticsearch}
