@@ -281,6 +281,15 @@ def test_connections_past_the_cap_and_chunked_bodies_are_refused(receiver: Recei
     connection.send(b"5\r\nhello\r\n0\r\n\r\n")
     assert connection.getresponse().status == 501
     connection.close()
+    # On any path: a chunked body left unread would be read as the next request.
+    connection = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=10)
+    connection.putrequest("POST", "/no/such/path")
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders()
+    connection.send(b"5\r\nhello\r\n0\r\n\r\n")
+    response = connection.getresponse()
+    assert response.status == 501 and response.getheader("Connection") == "close"
+    connection.close()
     assert [e["job_id"] for e in receiver.spooled()] == ["1"]
 
 

@@ -112,15 +112,15 @@ class Handler(BaseHTTPRequestHandler):
         if refusal is not None:
             self._answer(*refusal)
             return
-        system = self.path.strip("/")
-        if "/" in self.path[1:] or not _system_name(system):
-            self._discard_body()
-            self._answer(HTTPStatus.NOT_FOUND, "POST to /<system>: JobCompLoc=http://HOST:PORT/<system>")
-            return
         if self.headers.get("Transfer-Encoding"):
             # curl sends the plugin's record with its length (CURLOPT_POSTFIELDSIZE), never chunked.
             self.close_connection = True
             self._answer(HTTPStatus.NOT_IMPLEMENTED, "Transfer-Encoding is not taken: send Content-Length")
+            return
+        system = self.path.strip("/")
+        if "/" in self.path[1:] or not _system_name(system):
+            self._discard_body()
+            self._answer(HTTPStatus.NOT_FOUND, "POST to /<system>: JobCompLoc=http://HOST:PORT/<system>")
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -212,6 +212,9 @@ class Handler(BaseHTTPRequestHandler):
         return HTTPStatus.CREATED, f"rejected: {reason}"
 
     def _discard_body(self) -> None:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # not read: the connection cannot be reused
+            return
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
