@@ -284,13 +284,9 @@ class Settings(BaseSettings):
     @field_validator("api_trusted_proxies")
     @classmethod
     def _networks(cls, values: list[str]) -> list[str]:
-        import ipaddress
+        from shared import networks
 
-        for value in values:
-            try:
-                ipaddress.ip_network(value, strict=False)
-            except ValueError:
-                raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+        networks.parse(values)
         return values
 
     @field_validator("api_url")

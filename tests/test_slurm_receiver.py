@@ -306,7 +306,7 @@ def test_the_receiver_refuses_to_start_unguarded(tmp_path: Path, cli: Any) -> No
     result = cli("receive", "slurm-elasticsearch", "--credentials-file", str(readable))
     assert result.code == 1 and "USER:PASSWORD" in result.err
     result = cli("receive", "slurm-elasticsearch", "--allow", "10.0.0.0/33")
-    assert result.code == 1 and "not an address or network" in result.err
+    assert result.code == 1 and "'10.0.0.0/33' is not an IP address or CIDR network" in result.err
 
 
 def test_a_gpu_job_reported_by_the_plugin_is_charged_gpu_hours_without_admission_control(

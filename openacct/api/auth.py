@@ -12,7 +12,6 @@ Administrators are the users named in ``api_admins``. Endpoints take ``Caller`` 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from openacct.api import tokens
 from openacct.api.database import Database
+from shared import networks
 from shared.config import get_settings
 from shared.events import NAME
 from shared.models import User
@@ -88,18 +88,12 @@ def _by_munge(session: Session, credential: str) -> Caller:
     return _as_caller(session, name, "manage", "munge")
 
 
-@lru_cache(maxsize=8)
-def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
+_trusted_proxies = lru_cache(maxsize=8)(networks.parse)
 
 
 def _from_trusted_proxy(request: Request) -> bool:
-    peer = request.client.host if request.client else None
-    try:
-        address = ipaddress.ip_address(peer or "")
-    except ValueError:
-        return False
-    return any(address in network for network in _networks(tuple(get_settings().api_trusted_proxies)))
+    peer = request.client.host if request.client else ""
+    return networks.contains(_trusted_proxies(tuple(get_settings().api_trusted_proxies)), peer)
 
 
 def identify(request: Request, session: Session) -> Caller | None:

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from openacct.cli.api import host_and_port
+from shared import networks
 from shared.errors import InvalidInput
 
 receive_app = typer.Typer(help="Receive job records that a scheduler sends over the network.", no_args_is_help=True)
@@ -38,7 +39,7 @@ def slurm_elasticsearch(
     if log_level not in ("debug", "info", "warning", "error"):
         raise InvalidInput(f"unknown log level {log_level!r}")
     host, port = host_and_port(listen)
-    allowed = _networks(allow) if allow else receiver.LOOPBACK
+    allowed = _networks(allow) if allow else networks.parse(receiver.LOOPBACK)
     if not allow and not _loopback(host):
         raise InvalidInput(f"--listen {listen} is not loopback: name the clients that may send records "
                            "with --allow (slurmctld's address)")
@@ -72,13 +73,11 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _networks(allow: list[str]) -> list[str]:
-    for network in allow:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise InvalidInput(f"--allow {network!r} is not an address or network (10.0.0.5, 10.0.0.0/24)") from None
-    return allow
+def _networks(allow: list[str]) -> tuple[networks.Network, ...]:
+    try:
+        return networks.parse(allow)
+    except ValueError as exc:
+        raise InvalidInput(f"--allow {exc}") from None
 
 
 def _credentials(path: Path) -> str:

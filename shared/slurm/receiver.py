@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from collections.abc import Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from shared import spool
+from shared import networks, spool
 from shared.job_event import BadInput, encode
 from shared.slurm import values
 from shared.slurm.records import WrongSystem, elasticsearch_event
@@ -42,7 +41,6 @@ IDLE_SECONDS = 30
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 log = logging.getLogger("openacct.receiver")
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Receiver(ThreadingHTTPServer):
@@ -55,7 +53,7 @@ class Receiver(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], spool_dir: str, *, allowed: Iterable[str] = LOOPBACK,
                  credentials: str | None = None) -> None:
         self.spool_dir = spool_dir
-        self.allowed: tuple[Network, ...] = tuple(ipaddress.ip_network(a, strict=False) for a in allowed)
+        self.allowed = networks.parse(allowed)
         # What libcurl sends for http://user:password@host/...: compared whole, in constant time.
         self.authorization = (None if credentials is None
                               else b"Basic " + base64.b64encode(credentials.encode()))
@@ -88,13 +86,7 @@ class Receiver(ThreadingHTTPServer):
         log.exception("request from %s failed", client_address[0])
 
     def client_allowed(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allowed)
+        return networks.contains(self.allowed, host)
 
 
 class Handler(BaseHTTPRequestHandler):
