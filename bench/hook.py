@@ -86,46 +86,76 @@ def hook_env(base: dict[str, str], spool: Path, broker_url: str, settings: str) 
     return {**env, "OPENACCT_CONFIG": str(config)}
 
 
+class Timings:
+    """Milliseconds per run: the bare interpreter's and the hook's in each pass, and whether the
+    hook did its job in every run (spooled each event, rejected none, never called the broker)."""
+
+    def __init__(self, runs: int, settings: str) -> None:
+        self.runs, self.settings = runs, settings
+        self.passes: dict[str, list[float]] = {}
+        self.bare: list[float] = []
+        self.problem = ""
+
+    @property
+    def bare_p50(self) -> float:
+        return percentile(self.bare, 50)
+
+    def ratios(self, name: str) -> tuple[float, float]:
+        """p50 and p99 of a pass, as multiples of the bare interpreter's p50."""
+        samples = self.passes[name]
+        return percentile(samples, 50) / self.bare_p50, percentile(samples, 99) / self.bare_p50
+
+    def meets_targets(self, name: str) -> bool:
+        p50, p99 = self.ratios(name)
+        return p50 <= TARGET_P50_RATIO and p99 <= TARGET_P99_RATIO
+
+
+def measure(runs: int, settings: str = "file") -> Timings:
+    broker = Broker()
+    base = jobcomp_env()
+    timings = Timings(runs, settings)
+    with tempfile.TemporaryDirectory(prefix="openacct-bench-") as tmp:
+        passes = {f"broker up ({broker.url})": Path(tmp) / "up", f"broker down ({CLOSED_BROKER})": Path(tmp) / "down"}
+        envs = {name: hook_env(base, spool, broker.url if "up" in name else CLOSED_BROKER, settings)
+                for name, spool in passes.items()}
+        bare = [sys.executable, "-c", "pass"]
+        hook = [str(OPENACCT), "hook", "slurm-jobcomp"]
+        timings.passes = {name: [] for name in passes}
+        for i in range(WARMUP + runs):  # interleaved: a burst of load hits every series alike
+            bare_ms, hook_ms = timed(bare, base), {name: timed(hook, env) for name, env in envs.items()}
+            if i >= WARMUP:
+                timings.bare.append(bare_ms)
+                for name, ms in hook_ms.items():
+                    timings.passes[name].append(ms)
+        spooled = sum(len(pending_events(spool)) for spool in passes.values())
+        rejects = sum(len(list((spool / "reject").glob("*.reason"))) for spool in passes.values())
+    expected = len(passes) * (WARMUP + runs)
+    if spooled != expected or rejects or broker.connections:
+        timings.problem = (f"events spooled {spooled} of {expected}, rejected {rejects}; "
+                           f"connections to the broker: {broker.connections}")
+    return timings
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200, help="runs per pass (default 200)")
     parser.add_argument("--settings", choices=("file", "env"), default="file", help="how the hook is configured")
     args = parser.parse_args()
-
-    broker = Broker()
-    base = jobcomp_env()
-    with tempfile.TemporaryDirectory(prefix="openacct-bench-") as tmp:
-        passes = {f"broker up ({broker.url})": Path(tmp) / "up", f"broker down ({CLOSED_BROKER})": Path(tmp) / "down"}
-        envs = {name: hook_env(base, spool, broker.url if "up" in name else CLOSED_BROKER, args.settings)
-                for name, spool in passes.items()}
-        bare = [sys.executable, "-c", "pass"]
-        hook = [str(OPENACCT), "hook", "slurm-jobcomp"]
-        times: dict[str, list[float]] = {"bare": [], **{name: [] for name in passes}}
-        for i in range(WARMUP + args.runs):  # interleaved: a burst of load hits every series alike
-            samples = {"bare": timed(bare, base), **{name: timed(hook, env) for name, env in envs.items()}}
-            if i >= WARMUP:
-                for name, ms in samples.items():
-                    times[name].append(ms)
-        spooled = sum(len(pending_events(spool)) for spool in passes.values())
-        rejects = sum(len(list((spool / "reject").glob("*.reason"))) for spool in passes.values())
+    timings = measure(args.runs, args.settings)
 
     print(f"openacct hook slurm-jobcomp: {args.runs} runs per pass, settings from {args.settings}, {sys.executable}")
-    bare_p50 = percentile(times["bare"], 50)
-    print(f"  {'bare interpreter (python -c pass)':44} p50 {bare_p50:5.1f} ms   p99 {percentile(times['bare'], 99):5.1f} ms")
-    passed = True
-    for name in passes:
-        p50, p99 = percentile(times[name], 50), percentile(times[name], 99)
-        ok = p50 <= TARGET_P50_RATIO * bare_p50 and p99 <= TARGET_P99_RATIO * bare_p50
-        passed &= ok
-        print(f"  {name:44} p50 {p50:5.1f} ms = {p50 / bare_p50:.2f}x bare   "
-              f"p99 {p99:5.1f} ms = {p99 / bare_p50:.2f}x bare   {'PASS' if ok else 'FAIL'}")
+    print(f"  {'bare interpreter (python -c pass)':44} p50 {timings.bare_p50:5.1f} ms   "
+          f"p99 {percentile(timings.bare, 99):5.1f} ms")
+    for name, samples in timings.passes.items():
+        p50, p99 = timings.ratios(name)
+        print(f"  {name:44} p50 {percentile(samples, 50):5.1f} ms = {p50:.2f}x bare   "
+              f"p99 {percentile(samples, 99):5.1f} ms = {p99:.2f}x bare   "
+              f"{'PASS' if timings.meets_targets(name) else 'FAIL'}")
     print(f"  targets: p50 <= {TARGET_P50_RATIO}x and p99 <= {TARGET_P99_RATIO}x the bare interpreter's p50")
-    expected = len(passes) * (WARMUP + args.runs)
-    print(f"  events spooled {spooled} of {expected}, rejected {rejects}; connections to the broker: {broker.connections}")
-    if spooled != expected or rejects or broker.connections:
-        print("  the hook did not do its job: the timings above mean nothing", file=sys.stderr)
+    if timings.problem:
+        print(f"  the hook did not do its job ({timings.problem}): the timings above mean nothing", file=sys.stderr)
         return 2
-    return 0 if passed else 1
+    return 0 if all(timings.meets_targets(name) for name in timings.passes) else 1
 
 
 if __name__ == "__main__":

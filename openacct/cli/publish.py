@@ -60,7 +60,7 @@ def publish(
         # A file (a backfill of millions of lines) is converted on every core, a batch of lines at
         # a time, and spooled in its order; a pipe line by line, as its lines come.
         converted = (_in_parallel(records, from_, settings.default_system) if _is_file(stream)
-                     else (_convert(line, raw, from_, settings.default_system) for line, raw in records))
+                     else (convert(line, raw, from_, settings.default_system) for line, raw in records))
         for line, kind, value in converted:
             counts[kind] += 1
             if kind == "reject":
@@ -84,7 +84,7 @@ def publish(
 Converted = tuple[int, str, Any]  # (line, "event" | "reject" | "skip", (event id, data) | (raw, reason) | None)
 
 
-def _convert(line: int, raw: bytes, from_: RecordKind | None, default_system: str | None) -> Converted:
+def convert(line: int, raw: bytes, from_: RecordKind | None, default_system: str | None) -> Converted:
     try:
         data = raw if from_ is None else CONVERT[from_](raw, default_system)
         event = parse_event(data)
@@ -99,16 +99,16 @@ def _convert(line: int, raw: bytes, from_: RecordKind | None, default_system: st
 
 def _convert_batch(records: list[tuple[int, bytes]], from_: RecordKind | None,
                    default_system: str | None) -> list[Converted]:
-    return [_convert(line, raw, from_, default_system) for line, raw in records]
+    return [convert(line, raw, from_, default_system) for line, raw in records]
 
 
 def _in_parallel(records: Iterator[tuple[int, bytes]], from_: RecordKind | None,
                  default_system: str | None) -> Iterator[Converted]:
-    """``_convert`` of every record, in their order, by a process per core, a batch each, with a
+    """``convert`` of every record, in their order, by a process per core, a batch each, with a
     few batches in flight (a file of millions of lines is never all in memory)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cores < 2:
-        yield from (_convert(line, raw, from_, default_system) for line, raw in records)
+        yield from (convert(line, raw, from_, default_system) for line, raw in records)
         return
     from concurrent.futures import Future, ProcessPoolExecutor
 
