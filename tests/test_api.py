@@ -390,6 +390,27 @@ def test_single_sign_on_is_believed_from_the_trusted_proxy_only(world: World) ->
     assert httpx.get(world.url + "/api/v1/me", headers=forwarded).status_code == 401
 
 
+def test_a_token_expires_in_90_days_unless_told_otherwise(
+        world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    from openacct.cli import run
+
+    made = {}
+    for label, expires in [("default", []), ("week", ["--expires", "7"]), ("forever", ["--expires", "never"])]:
+        assert run(["token", "create", "sue", "--label", label, *expires]) == 0
+        made[label] = capsys.readouterr().out
+    assert "until revoked" in made["forever"] and "until revoked" not in made["default"]
+    for bad in ("0", "3661", "-1", "90d", "", "Never"):
+        assert run(["token", "create", "sue", "--expires", bad]) != 0
+        assert "--expires is a number of days from 1 to 3660" in capsys.readouterr().err
+    now = dt.datetime.now(dt.UTC)
+    with db.session_scope() as s:
+        rows = {t.label: t.expires_at for t in s.scalars(select(ApiToken).where(ApiToken.label.in_(made)))}
+        assert s.scalar(select(func.count()).select_from(ApiToken).where(ApiToken.label == "")) == 0
+    assert rows["forever"] is None
+    assert abs(rows["default"] - (now + dt.timedelta(days=90))) < dt.timedelta(minutes=5)
+    assert abs(rows["week"] - (now + dt.timedelta(days=7))) < dt.timedelta(minutes=5)
+
+
 def test_token_commands_show_a_token_once_and_store_its_hash_only(
         world: World, capsys: pytest.CaptureFixture[str]) -> None:
     from openacct.cli import run

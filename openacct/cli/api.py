@@ -46,22 +46,36 @@ def serve(
                 server_header=False, date_header=False)
 
 
+# Tokens expire unless told otherwise: one left in a script outlives the reason it was made.
+DEFAULT_EXPIRY_DAYS = 90
+
+
 @token_app.command("create")
 def token_create(
     user: Annotated[str, typer.Argument(help="Whose token: it acts as this user.")],
     scope: Annotated[Literal["read", "manage"], typer.Option(help="read, or manage (membership too).")] = "read",
-    expires: Annotated[int | None, typer.Option(help="Days until it expires; unset: until revoked.")] = None,
+    expires: Annotated[str, typer.Option(
+        help="Days until it expires (1-3660), or never: until revoked. A token that nobody remembers "
+        "stops working by itself.")] = str(DEFAULT_EXPIRY_DAYS),
     label: Annotated[str, typer.Option(help="What it is for (shown by token list).")] = "",
 ) -> None:
     """Make a token; it is printed once, as the last line, and stored only as a hash."""
     from openacct.api import tokens
 
     with session_scope() as s:
-        row, token = tokens.create(s, sc.get_user(user), scope=scope, expires_days=expires, label=label,
+        row, token = tokens.create(s, sc.get_user(user), scope=scope, expires_days=_days(expires), label=label,
                                    actor=cli_actor())
         until = f"until {row.expires_at:%Y-%m-%d %H:%M %Z}" if row.expires_at else "until revoked"
     done(f"token #{row.id} for {user}, scope {scope}, {until}: it is shown this once")
     typer.echo(token)
+
+
+def _days(expires: str) -> int | None:
+    if expires == "never":
+        return None
+    if not expires.isdigit():
+        raise InvalidInput(f"--expires is a number of days from 1 to 3660, or never; not {expires!r}")
+    return int(expires)
 
 
 @token_app.command("list")
