@@ -293,4 +293,19 @@ def flower(
     # Flower reads task names and queues from the app: make it know all three workers'.
     for name in QUEUES:
         __import__(f"services.{name}.tasks")
-    get_app().start(["flower", f"--port={port}", f"--address={address}", "--purge_offline_workers=60"])
+    code: object = 0
+    try:
+        get_app().start(["flower", f"--port={port}", f"--address={address}", "--purge_offline_workers=60"])
+    except SystemExit as exc:
+        code = exc.code
+    # Flower's SIGTERM handler stops its loop, but its inspector threads can wait forever on the
+    # broker's connection pool, and Python joins them before it exits: Flower logged "shutting
+    # down" and ran on until systemd or compose killed it. It keeps nothing to save (no
+    # --persistent), so once its loop is over the process ends here, logs flushed.
+    import logging
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
