@@ -62,22 +62,28 @@ class Process:
                                           stderr=err if self.stderr else subprocess.STDOUT, start_new_session=True)
         return self
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> bool:
+        """Signal the process group; SIGKILL it if it has not ended 20 s later. Whether ``sig`` ended it."""
         if self.popen is None:
-            return
+            return True
         try:
             os.killpg(self.popen.pid, sig)
         except ProcessLookupError:
             pass
         try:
             self.popen.wait(20)
+            ended = True
         except subprocess.TimeoutExpired:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(10)
+            ended = False
         self.popen = None
+        return ended
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+        """SIGTERM, as systemd and compose stop a service: one that ignores it fails the test."""
+        if not self.kill(signal.SIGTERM):
+            raise AssertionError(f"{self.program} {' '.join(self.args)} did not stop within 20 s of SIGTERM")
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -92,6 +98,7 @@ def stop_all(processes: list[Process]) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 20
+    stuck = []
     for process in running:
         popen = process.popen
         assert popen is not None
@@ -100,7 +107,10 @@ def stop_all(processes: list[Process]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(popen.pid, signal.SIGKILL)
             popen.wait(10)
+            stuck.append(" ".join(process.args))
         process.popen = None
+    if stuck:
+        raise AssertionError(f"did not stop within 20 s of SIGTERM: {', '.join(stuck)}")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> None:
