@@ -120,10 +120,30 @@ def me() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
+# What a login node's ``openacct balance`` asks first.
+ME = munge.for_request("GET", b"/api/v1/me", b"")
+
+
 def test_a_credential_verifies_to_the_user_who_made_it(socket_set: Path) -> None:
-    made = munge.credential()
+    made = munge.credential(ME)
     assert made.startswith("MUNGE:") and made.endswith(":")
-    assert munge.verify(made) == me()
+    assert munge.verify(made, ME) == me()
+
+
+def test_a_credential_proves_only_the_request_it_was_made_for(socket_set: Path) -> None:
+    """One captured on its way to the API is no licence for another request of its user's."""
+    members = munge.for_request("POST", b"/api/v1/projects/phys/members", b'{"user": "tux"}')
+    assert munge.for_request("post", b"/center/api/v1/projects/phys/members", b'{"user": "tux"}') == members
+    for made_for, checked_as in [
+        (ME, members),
+        (members, munge.for_request("POST", b"/api/v1/projects/phys/members", b'{"user": "eve"}')),
+        (members, munge.for_request("DELETE", b"/api/v1/projects/phys/members", b'{"user": "tux"}')),
+        (ME, munge.for_request("GET", b"/api/v1/me?x=1", b"")),
+        (munge.MARK, ME),  # an older client's, bound to nothing
+    ]:
+        with pytest.raises(munge.MungeRefused, match=r"^credential made for another request \(its method"):
+            munge.verify(munge.credential(made_for), checked_as)
+    assert munge.verify(munge.credential(members), members) == me()
 
 
 def munge_made(socket: Path, *args: str) -> str:
@@ -134,27 +154,27 @@ def munge_made(socket: Path, *args: str) -> str:
 
 
 @pytest.mark.parametrize("args", [["-n"], ["-s", "openacct-api v2"], ["-s", "openacct-api v1\n"],
-                                  ["-s", "\u00ff" * 40]])
+                                  ["-s", "openacct-api v10 GET /api/v1/me"], ["-s", "\u00ff" * 40]])
 def test_a_credential_made_for_another_service_is_refused(socket_set: Path, args: list[str]) -> None:
     """One captured on its way to Slurm's daemons, valid and never decoded, proves nobody to the API."""
     with pytest.raises(munge.MungeRefused, match="^not a credential made for the OpenAcct API$"):
-        munge.verify(munge_made(socket_set, *args))
+        munge.verify(munge_made(socket_set, *args), ME)
 
 
 def test_a_replayed_credential_is_refused(socket_set: Path) -> None:
-    made = munge.credential()
-    assert munge.verify(made) == me()
+    made = munge.credential(ME)
+    assert munge.verify(made, ME) == me()
     with pytest.raises(munge.MungeRefused, match="^replayed credential$"):
-        munge.verify(made)
+        munge.verify(made, ME)
 
 
 def test_a_tampered_credential_is_refused(socket_set: Path) -> None:
-    made = munge.credential()
+    made = munge.credential(ME)
     middle = len(made) // 2
     tampered = made[:middle] + ("A" if made[middle] != "A" else "B") + made[middle + 1:]
     with pytest.raises(munge.MungeRefused, match=r"^invalid credential \(made with another key, or altered\)$"):
-        munge.verify(tampered)
-    assert munge.verify(made) == me()  # the genuine one was never used
+        munge.verify(tampered, ME)
+    assert munge.verify(made, ME) == me()  # the genuine one was never used
 
 
 def test_a_credential_of_another_key_is_refused(socket_set: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,22 +182,22 @@ def test_a_credential_of_another_key_is_refused(socket_set: Path, monkeypatch: p
     try:
         monkeypatch.setenv("OPENACCT_MUNGE_SOCKET", str(other.socket))
         config.get_settings.cache_clear()
-        foreign = munge.credential()
-        assert munge.verify(munge.credential()) == me()  # that munged's own do verify there
+        foreign = munge.credential(ME)
+        assert munge.verify(munge.credential(ME), ME) == me()  # that munged's own do verify there
     finally:
         other.stop()
     monkeypatch.setenv("OPENACCT_MUNGE_SOCKET", str(socket_set))
     config.get_settings.cache_clear()
     with pytest.raises(munge.MungeRefused, match="invalid credential"):
-        munge.verify(foreign)
+        munge.verify(foreign, ME)
 
 
 def test_a_credential_older_than_the_replay_window_is_refused(socket_set: Path) -> None:
-    made = munge.credential()
+    made = munge.credential(ME)
     with pytest.raises(munge.MungeRefused, match=r"encoded \d+ s ago: at most 120 s old"):
-        munge.verify(made, now=time.time() + munge.MAX_AGE + 5)
+        munge.verify(made, ME, now=time.time() + munge.MAX_AGE + 5)
     with pytest.raises(munge.MungeRefused, match="in the future"):
-        munge.verify(munge.credential(), now=time.time() - munge.MAX_AHEAD - 5)
+        munge.verify(munge.credential(ME), ME, now=time.time() - munge.MAX_AHEAD - 5)
 
 
 @pytest.mark.parametrize(("given", "message"), [
@@ -189,7 +209,7 @@ def test_a_credential_older_than_the_replay_window_is_refused(socket_set: Path) 
 ])
 def test_what_is_no_credential_is_refused(socket_set: Path, given: str, message: str) -> None:
     with pytest.raises(munge.MungeRefused, match=message):
-        munge.verify(given)
+        munge.verify(given, ME)
 
 
 def test_without_munged_nothing_is_proved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, munged: Munged) -> None:
@@ -197,9 +217,9 @@ def test_without_munged_nothing_is_proved(tmp_path: Path, monkeypatch: pytest.Mo
     config.get_settings.cache_clear()
     try:
         with pytest.raises(munge.MungeUnavailable, match="munge could not make a credential"):
-            munge.credential()
+            munge.credential(ME)
         with pytest.raises(munge.MungeUnavailable, match="cannot reach munged"):
-            munge.verify("MUNGE:AwQFAAB" + "A" * 100 + ":")
+            munge.verify("MUNGE:AwQFAAB" + "A" * 100 + ":", ME)
     finally:
         config.get_settings.cache_clear()
 
@@ -287,9 +307,13 @@ def test_the_api_refuses_a_slurm_credential_and_says_503_when_it_cannot_ask_mung
     plain = me_with(munge_made(munged.socket, "-n"))
     assert (plain.status_code, plain.json()) == (401, {
         "error": "MUNGE credential refused: not a credential made for the OpenAcct API"})
+    # A credential names its request: one made for GET /api/v1/projects proves nothing for /me.
+    elsewhere = me_with(munge_made(munged.socket, "-s", munge.for_request("GET", b"/api/v1/projects", b"").decode()))
+    assert (elsewhere.status_code, elsewhere.json()) == (401, {
+        "error": "MUNGE credential refused: credential made for another request (its method, path and body must match)"})
     # A server whose munged is away: its trouble, not the caller's credential.
     with ApiServer(tmp_path / "no-munged", munge_socket=str(tmp_path / "none.socket")) as down:
-        refused = me_with(munge_made(munged.socket, "-s", munge.PAYLOAD.decode()), down.url)
+        refused = me_with(munge_made(munged.socket, "-s", ME.decode()), down.url)
     assert refused.status_code == 503 and "www-authenticate" not in refused.headers
     # the detail (munged's socket, its error) goes to the server's log, not to whoever asks
     assert refused.json() == {"error": "the API cannot check MUNGE credentials now: use a bearer token, "

@@ -1,8 +1,8 @@
 """Who a request comes from: a ``Caller``, or 401.
 
 Accepted, in this order: ``Authorization: Bearer TOKEN`` (``openacct token create``);
-``Authorization: MUNGE CREDENTIAL`` (a login node's ``munge -s PAYLOAD``, checked by ``munge.verify``;
-503 where this host cannot ask munged);
+``Authorization: MUNGE CREDENTIAL`` (a login node's credential for this one request, from
+``munge.for_request``, checked by ``munge.verify``; 503 where this host cannot ask munged);
 the user name in the header ``api_sso_header``, only from a peer in ``api_trusted_proxies`` (the
 center's single sign-on proxy); the portal's session cookie, whose value is a bearer token.
 Administrators are the users named in ``api_admins``. Endpoints take ``Caller`` as a parameter
@@ -71,11 +71,15 @@ def by_token(session: Session, token: str, via: Via) -> Caller:
     return _as_caller(session, row.user.name, cast(tokens.Scope, row.scope), via)
 
 
-def _by_munge(session: Session, credential: str) -> Caller:
+def _by_munge(session: Session, credential: str, request: Request, body: bytes) -> Caller:
     from openacct.api import munge  # only a login node's requests need it
 
+    # The request as it came, path and query undecoded, as the client's credential names them.
+    target = request.scope.get("raw_path") or request.url.path.encode()
+    if query := request.scope.get("query_string", b""):
+        target += b"?" + query
     try:
-        name = munge.verify(credential.strip())
+        name = munge.verify(credential.strip(), munge.for_request(request.method, target, body))
     except munge.MungeUnavailable as down:
         # The server's trouble, not the caller's credential: a token still works meanwhile. The
         # detail (munged's socket, its error) is the operator's, in the log, not the caller's.
@@ -96,7 +100,16 @@ def _from_trusted_proxy(request: Request) -> bool:
     return networks.contains(_trusted_proxies(tuple(get_settings().api_trusted_proxies)), peer)
 
 
-def identify(request: Request, session: Session) -> Caller | None:
+async def request_body(request: Request) -> bytes:
+    """The body a MUNGE credential is bound to, read for such requests only (Starlette keeps it
+    for the endpoint)."""
+    return await request.body() if request.headers.get("authorization", "")[:6].upper() == "MUNGE " else b""
+
+
+RequestBody = Annotated[bytes, Depends(request_body)]
+
+
+def identify(request: Request, session: Session, body: bytes = b"") -> Caller | None:
     """The caller a request's credentials prove, None when it carries none; 401 for bad ones."""
     authorization = request.headers.get("authorization")
     if authorization:
@@ -104,7 +117,7 @@ def identify(request: Request, session: Session) -> Caller | None:
         if scheme.lower() == "bearer" and credential.strip():
             return by_token(session, credential, "token")
         if scheme.upper() == "MUNGE" and credential.strip():
-            return _by_munge(session, credential)
+            return _by_munge(session, credential, request, body)
         raise unauthorized("Authorization is Bearer TOKEN or MUNGE CREDENTIAL")
     header = get_settings().api_sso_header
     if header and request.headers.get(header) and _from_trusted_proxy(request):
@@ -115,9 +128,9 @@ def identify(request: Request, session: Session) -> Caller | None:
     return None
 
 
-def caller(request: Request, session: Database) -> Caller:
+def caller(request: Request, session: Database, body: RequestBody) -> Caller:
     """The FastAPI dependency: the caller, or 401."""
-    found = identify(request, session)
+    found = identify(request, session, body)
     if found is None:
         raise unauthorized(NO_CREDENTIALS)
     return found

@@ -1,16 +1,19 @@
 """MUNGE, which every Slurm cluster already runs: who a login node's request comes from.
 
 The user commands (``openacct balance``, ``job cost``, ``estimate``) send ``Authorization: MUNGE
-CREDENTIAL`` with a fresh credential from ``credential()`` (``munge -s PAYLOAD``): munged encodes
-the caller's uid, which a user cannot forge. The API checks it with ``verify()`` (``unmunge``),
+CREDENTIAL`` with a fresh credential from ``credential(for_request(...))``: munged encodes the
+caller's uid, which a user cannot forge, with a payload that names the one request it is for. The API checks it with ``verify()`` (``unmunge``),
 which needs the cluster's munge key on the API's host, as slurmctld's does. A credential proves its
 user once: munged refuses to decode the same one twice while it could still be valid ("Replayed
 credential"), and ``verify`` refuses one encoded more than ``MAX_AGE`` seconds ago, whatever TTL
 it was made with, so one found later in a log or a proxy's memory proves nothing.
 
-Every credential made for the API carries the payload ``PAYLOAD``, and ``verify`` refuses any other
-(none, or Slurm's): a credential captured on its way to slurmctld or slurmd, which the same key
-decodes and which was not decoded yet, cannot be replayed to the API as its user.
+Every credential made for the API carries ``for_request``'s payload: ``MARK``, the request's
+method, its target (from /api/v1/ on) and its body's SHA-256; ``verify`` refuses any other. So a
+credential captured on its way to slurmctld or slurmd (no payload, or Slurm's), which the same key
+decodes and which was not decoded yet, cannot be replayed to the API as its user; and one captured
+on its way to the API proves nothing for another request (a PI's credential for GET /me is no
+licence to change a project's members).
 
 Both run MUNGE's own programs, never through a shell, with a timeout; ``munge_socket`` names
 munged's socket where the site's is not MUNGE's default. Only the standard library is imported
@@ -19,6 +22,7 @@ here: a login node's ``openacct`` loads this module for every request.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
@@ -30,8 +34,9 @@ import time
 # would take (2 MiB) is far more than a request header should carry.
 CREDENTIAL = re.compile(r"MUNGE:[A-Za-z0-9+/]+={0,2}:")
 MAX_CREDENTIAL = 8192
-# What every credential made for the API carries, and the only payload the API takes.
-PAYLOAD = b"openacct-api v1"
+# What every credential made for the API starts its payload with.
+MARK = b"openacct-api v1"
+API_ROOT = b"/api/v1/"
 MAX_AGE = 120  # seconds since munged encoded it: the replay window, within munged's TTL
 MAX_AHEAD = 60  # seconds a credential's encode time may be ahead of this host's clock
 TIMEOUT = 2.0  # seconds for munge or unmunge, munged's answer included
@@ -70,10 +75,10 @@ def _socket_option() -> list[str]:
     return [f"--socket={socket}"] if socket else []
 
 
-def _run(argv: list[str], stdin: str | None) -> subprocess.CompletedProcess[bytes]:
+def _run(argv: list[str], stdin: bytes) -> subprocess.CompletedProcess[bytes]:
     """Bytes out: a payload that is not ours may be anything."""
     try:
-        return subprocess.run(argv, input=(stdin or "").encode(), capture_output=True, timeout=TIMEOUT,
+        return subprocess.run(argv, input=stdin, capture_output=True, timeout=TIMEOUT,
                               env={"PATH": SEARCH_PATH, "LC_ALL": "C"}, check=False)
     except subprocess.TimeoutExpired:
         raise MungeUnavailable(f"{os.path.basename(argv[0])} had no answer from munged in {TIMEOUT:g} s") from None
@@ -92,9 +97,19 @@ def _complaint(stderr: bytes) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:200]
 
 
-def credential() -> str:
-    """A new credential of this process's user for the API, from munged (``munge -s PAYLOAD``)."""
-    done = _run([_program("munge"), *_socket_option(), "-s", PAYLOAD.decode()], None)
+def for_request(method: str, target: bytes, body: bytes) -> bytes:
+    """The payload of a credential for one request: ``MARK``, the method, the target (path and
+    query, as sent) from /api/v1/ on (a proxy may serve the API under a prefix of its own), and the
+    SHA-256 of the body. ASCII, one line."""
+    start = target.find(API_ROOT)
+    target = target[start:] if start >= 0 else target
+    return b" ".join([MARK, method.upper().encode("ascii"), target, hashlib.sha256(body).hexdigest().encode()])
+
+
+def credential(payload: bytes) -> str:
+    """A new credential of this process's user for the API, from munged (``munge``, the payload on
+    its standard input: ``for_request``'s)."""
+    done = _run([_program("munge"), *_socket_option()], payload)
     made = done.stdout.decode("ascii", errors="replace").strip()
     if done.returncode != 0 or not CREDENTIAL.fullmatch(made):
         reason = _complaint(done.stderr) or ERRORS.get(done.returncode, f"munge exited {done.returncode}")
@@ -113,11 +128,12 @@ def _decoded(stdout: bytes) -> tuple[dict[str, str], bytes]:
     return fields, payload
 
 
-def verify(credential: str, *, now: float | None = None) -> str:
-    """The user name ``credential`` proves, or ``MungeRefused`` with the reason.
+def verify(credential: str, payload: bytes, *, now: float | None = None) -> str:
+    """The user name ``credential`` proves for the request whose ``for_request`` payload is
+    ``payload``, or ``MungeRefused`` with the reason.
 
     ``unmunge`` decodes it (the credential on its standard input): its status must be Success,
-    its payload exactly ``PAYLOAD``, its UID a user of this host's password database, and it must
+    its payload exactly ``payload``, its UID a user of this host's password database, and it must
     have been encoded in the last ``MAX_AGE`` seconds. munged itself refuses a credential made
     with another key, altered, expired, or replayed (decoded once already)."""
     credential = credential.strip()
@@ -126,16 +142,18 @@ def verify(credential: str, *, now: float | None = None) -> str:
     if not CREDENTIAL.fullmatch(credential):
         raise MungeRefused("not a MUNGE credential (MUNGE:...:, from munge)")
     argv = [_program("unmunge"), *_socket_option(), "--numeric", "--keys=STATUS,ENCODE_TIME,UID"]
-    done = _run(argv, credential)
-    fields, payload = _decoded(done.stdout)
+    done = _run(argv, credential.encode("ascii"))
+    fields, carried = _decoded(done.stdout)
     status, complaint = fields.get("STATUS", ""), _complaint(done.stderr)
     if done.returncode != 0 or status != "0":
         code = int(status) if status.isdigit() else done.returncode
         if code == 6:
             raise MungeUnavailable(f"cannot reach munged: {complaint or 'no answer'}")
         raise MungeRefused(ERRORS.get(code) or complaint or f"unmunge exited {done.returncode}")
-    if payload != PAYLOAD:  # none (munge -n), or Slurm's: made for another service
-        raise MungeRefused("not a credential made for the OpenAcct API")
+    if carried != payload:
+        if carried == MARK or carried.startswith(MARK + b" "):  # an older client's, or a captured one's
+            raise MungeRefused("credential made for another request (its method, path and body must match)")
+        raise MungeRefused("not a credential made for the OpenAcct API")  # none (munge -n), or Slurm's
     try:
         encoded, uid = int(fields["ENCODE_TIME"]), int(fields["UID"])
     except (KeyError, ValueError):

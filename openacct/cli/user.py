@@ -86,20 +86,19 @@ def _checked_token(token: str, source: str) -> str:
 
 @dataclass
 class Credentials:
-    """How this command proves its user: ``authorization()`` is the header of the next request."""
+    """How this command proves its user: ``authorization()`` is the header of a request."""
 
     source: str  # for messages: where the token came from, or MUNGE
     token: str | None = None
-    fresh: str | None = None  # a MUNGE credential made and not yet sent
 
-    def authorization(self) -> str:
+    def authorization(self, method: str, target: str, body: bytes) -> str:
+        """The header for the request ``method`` ``target`` (its path and query, as sent) with ``body``."""
         if self.token is not None:
             return f"Bearer {self.token}"
         from openacct.api import munge
 
-        made, self.fresh = self.fresh, None
-        try:
-            return f"MUNGE {made or munge.credential()}"  # a credential proves one request: a new one each time
+        try:  # a credential proves one request: a new one each time, naming it
+            return f"MUNGE {munge.credential(munge.for_request(method, target.encode('ascii'), body))}"
         except munge.MungeRefused as exc:
             raise ApiError(f"{exc}; or use a token ({TOKEN_VARIABLE}, or the file {token_file()})") from None
 
@@ -114,8 +113,10 @@ def credentials() -> Credentials:
     from openacct.api import munge
 
     try:
-        # munge is installed and munged answers, as on a login node: the credential serves the first request.
-        return Credentials("MUNGE", fresh=munge.credential())
+        # munge is installed and munged answers, as on a login node. The probe's credential names
+        # no request, proves nothing to the API, and is never sent.
+        munge.credential(munge.MARK)
+        return Credentials("MUNGE")
     except munge.MungeUnavailable as exc:
         if path.exists():
             return Credentials(f"token file {path}", _read_token_file(path))
@@ -176,7 +177,7 @@ class Api:
         request.add_header("Accept", "application/json")
         if data is not None:
             request.add_header("Content-Type", "application/json")
-        request.add_unredirected_header("Authorization", self.creds.authorization())
+        request.add_unredirected_header("Authorization", self.creds.authorization(method, request.selector, data or b""))
         try:
             with _opener.open(request, timeout=TIMEOUT) as response:
                 payload = response.read(MAX_RESPONSE + 1)
