@@ -399,7 +399,7 @@ def test_a_token_expires_in_90_days_unless_told_otherwise(
         assert run(["token", "create", "sue", "--label", label, *expires]) == 0
         made[label] = capsys.readouterr().out
     assert "until revoked" in made["forever"] and "until revoked" not in made["default"]
-    for bad in ("0", "3661", "-1", "90d", "", "Never"):
+    for bad in ("0", "3661", "-1", "90d", "", "Never", "²"):
         assert run(["token", "create", "sue", "--expires", bad]) != 0
         assert "--expires is a number of days from 1 to 3660" in capsys.readouterr().err
     now = dt.datetime.now(dt.UTC)

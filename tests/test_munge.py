@@ -5,6 +5,7 @@ alone, and sees exactly their projects. Skipped, saying why, only where munged c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -121,7 +122,7 @@ def me() -> str:
 
 
 # What a login node's ``openacct balance`` asks first.
-ME = munge.for_request("GET", b"/api/v1/me", b"")
+ME = munge.for_request("GET", "/api/v1/me", "", b"")
 
 
 def test_a_credential_verifies_to_the_user_who_made_it(socket_set: Path) -> None:
@@ -132,13 +133,19 @@ def test_a_credential_verifies_to_the_user_who_made_it(socket_set: Path) -> None
 
 def test_a_credential_proves_only_the_request_it_was_made_for(socket_set: Path) -> None:
     """One captured on its way to the API is no licence for another request of its user's."""
-    members = munge.for_request("POST", b"/api/v1/projects/phys/members", b'{"user": "tux"}')
-    assert munge.for_request("post", b"/center/api/v1/projects/phys/members", b'{"user": "tux"}') == members
+    members = munge.for_request("POST", "/api/v1/projects/phys/members", "", b'{"user": "tux"}')
+    assert munge.for_request("post", "/api/v1/projects/phys/members", "", b'{"user": "tux"}') == members
+    # The path is taken decoded and encoded one way: a proxy that re-encodes it changes nothing.
+    assert munge.for_request("GET", "/api/v1/jobs/12+0 x", "system=a%2Bb", b"") == (
+        b"openacct-api v1 GET /api/v1/jobs/12%2B0%20x?system=a%2Bb " + hashlib.sha256(b"").hexdigest().encode())
+    with pytest.raises(ValueError, match="not a path of the API"):
+        munge.for_request("GET", "/projects/phys", "x=/api/v1/me", b"")
     for made_for, checked_as in [
         (ME, members),
-        (members, munge.for_request("POST", b"/api/v1/projects/phys/members", b'{"user": "eve"}')),
-        (members, munge.for_request("DELETE", b"/api/v1/projects/phys/members", b'{"user": "tux"}')),
-        (ME, munge.for_request("GET", b"/api/v1/me?x=1", b"")),
+        (members, munge.for_request("POST", "/api/v1/projects/phys/members", "", b'{"user": "eve"}')),
+        (members, munge.for_request("DELETE", "/api/v1/projects/phys/members", "", b'{"user": "tux"}')),
+        (ME, munge.for_request("GET", "/api/v1/me", "x=1", b"")),
+        (ME, munge.for_request("GET", "/api/v1/me/", "", b"")),
         (munge.MARK, ME),  # an older client's, bound to nothing
     ]:
         with pytest.raises(munge.MungeRefused, match=r"^credential made for another request \(its method"):
@@ -308,7 +315,7 @@ def test_the_api_refuses_a_slurm_credential_and_says_503_when_it_cannot_ask_mung
     assert (plain.status_code, plain.json()) == (401, {
         "error": "MUNGE credential refused: not a credential made for the OpenAcct API"})
     # A credential names its request: one made for GET /api/v1/projects proves nothing for /me.
-    elsewhere = me_with(munge_made(munged.socket, "-s", munge.for_request("GET", b"/api/v1/projects", b"").decode()))
+    elsewhere = me_with(munge_made(munged.socket, "-s", munge.for_request("GET", "/api/v1/projects", "", b"").decode()))
     assert (elsewhere.status_code, elsewhere.json()) == (401, {
         "error": "MUNGE credential refused: credential made for another request (its method, path and body must match)"})
     # A server whose munged is away: its trouble, not the caller's credential.
@@ -318,3 +325,23 @@ def test_the_api_refuses_a_slurm_credential_and_says_503_when_it_cannot_ask_mung
     # the detail (munged's socket, its error) goes to the server's log, not to whoever asks
     assert refused.json() == {"error": "the API cannot check MUNGE credentials now: use a bearer token, "
                                        "or tell your center"}
+
+
+def test_a_credential_proves_nothing_on_the_portal_and_names_an_encoded_path_as_the_api_sees_it(
+        center: Engine, munged: Munged, api: ApiServer) -> None:
+    """The portal takes no MUNGE credential, even with an API path hidden in its query (a
+    credential captured on its way to GET /api/v1/me showed the user's projects there); a job id
+    with characters that get percent-encoded verifies as the route sees it."""
+    def made(method: str, path: str, query: str = "") -> dict[str, str]:
+        credential = munge_made(munged.socket, "-s", munge.for_request(method, path, query, b"").decode())
+        return {"Authorization": f"MUNGE {credential}"}
+
+    for page in ("/", "/projects/phys", "/projects/phys?days=30"):
+        response = httpx.get(f"{api.url}{page}{'&' if '?' in page else '?'}x=/api/v1/me",
+                             headers=made("GET", "/api/v1/me"), timeout=30)
+        assert response.status_code == 401 and "Sign in</button>" in response.text, (page, response.status_code)
+        assert "My projects" not in response.text and "phys · OpenAcct" not in response.text
+    job = httpx.get(f"{api.url}/api/v1/jobs/12%2B0%20x?system=cluster",
+                    headers=made("GET", "/api/v1/jobs/12+0 x", "system=cluster"), timeout=30)
+    # The credential proved its user (root, whom the center does not know): it matched the request.
+    assert (job.status_code, job.json()) == (401, {"error": "no active user root"}), job.text

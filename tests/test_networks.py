@@ -16,6 +16,12 @@ def test_addresses_and_networks_are_parsed_and_bad_ones_named() -> None:
     assert [str(n) for n in parsed] == ["10.0.0.5/32", "10.1.0.0/16", "::1/128"]
     with pytest.raises(ValueError, match="'10.0.0.0/33' is not an IP address or CIDR network"):
         networks.parse(["10.0.0.1", "10.0.0.0/33"])
+    # Written as IPv4-mapped IPv6, a network is the IPv4 one it is, as its peers are matched.
+    assert [str(n) for n in networks.parse(["::ffff:10.0.0.5", "::ffff:10.0.0.0/120", "::ffff:0:0/96"])] == [
+        "10.0.0.5/32", "10.0.0.0/24", "0.0.0.0/0"]
+    assert networks.contains(networks.parse(["::ffff:10.0.0.0/120"]), "10.0.0.7")
+    with pytest.raises(ValueError, match="'fe80::1%eth0' names an interface"):
+        networks.parse(["fe80::1%eth0"])
     with pytest.raises(ValidationError, match="'slurmctld' is not an IP address or CIDR network"):
         Settings(api_trusted_proxies=["slurmctld"])
 

@@ -74,12 +74,12 @@ def by_token(session: Session, token: str, via: Via) -> Caller:
 def _by_munge(session: Session, credential: str, request: Request, body: bytes) -> Caller:
     from openacct.api import munge  # only a login node's requests need it
 
-    # The request as it came, path and query undecoded, as the client's credential names them.
-    target = request.scope.get("raw_path") or request.url.path.encode()
-    if query := request.scope.get("query_string", b""):
-        target += b"?" + query
+    path = _api_path(request)
+    if path is None:  # the portal's pages: a browser's, never a login node's
+        raise unauthorized(f"MUNGE credentials are for the API's requests ({munge.API_ROOT}) only")
+    query = request.scope.get("query_string", b"").decode("latin-1")
     try:
-        name = munge.verify(credential.strip(), munge.for_request(request.method, target, body))
+        name = munge.verify(credential.strip(), munge.for_request(request.method, path, query, body))
     except munge.MungeUnavailable as down:
         # The server's trouble, not the caller's credential: a token still works meanwhile. The
         # detail (munged's socket, its error) is the operator's, in the log, not the caller's.
@@ -100,6 +100,16 @@ def _from_trusted_proxy(request: Request) -> bool:
     return networks.contains(_trusted_proxies(tuple(get_settings().api_trusted_proxies)), peer)
 
 
+def _api_path(request: Request) -> str | None:
+    """The request's path (percent-decoded) below any root path, if it is one of the API's."""
+    from openacct.api import munge
+
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path if path.startswith(munge.API_ROOT) else None
+
+
 async def request_body(request: Request) -> bytes:
     """The body a MUNGE credential is bound to, read for such requests only (Starlette keeps it
     for the endpoint)."""
@@ -109,7 +119,7 @@ async def request_body(request: Request) -> bytes:
 RequestBody = Annotated[bytes, Depends(request_body)]
 
 
-def identify(request: Request, session: Session, body: bytes = b"") -> Caller | None:
+def identify(request: Request, session: Session, body: bytes) -> Caller | None:
     """The caller a request's credentials prove, None when it carries none; 401 for bad ones."""
     authorization = request.headers.get("authorization")
     if authorization:
@@ -138,7 +148,7 @@ def caller(request: Request, session: Database, body: RequestBody) -> Caller:
 
 def caller_or_none(request: Request, session: Database) -> Caller | None:
     """For pages that show a login form to a caller without credentials (still 401 for bad ones)."""
-    return identify(request, session)
+    return identify(request, session, b"")  # no MUNGE credential is taken on the portal's pages
 
 
 CurrentCaller = Annotated[Caller, Depends(caller)]

@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.parse
 
 # A credential is "MUNGE:" base64 ":", a few hundred characters without a payload; what MUNGE
 # would take (2 MiB) is far more than a request header should carry.
@@ -36,7 +37,7 @@ CREDENTIAL = re.compile(r"MUNGE:[A-Za-z0-9+/]+={0,2}:")
 MAX_CREDENTIAL = 8192
 # What every credential made for the API starts its payload with.
 MARK = b"openacct-api v1"
-API_ROOT = b"/api/v1/"
+API_ROOT = "/api/v1/"
 MAX_AGE = 120  # seconds since munged encoded it: the replay window, within munged's TTL
 MAX_AHEAD = 60  # seconds a credential's encode time may be ahead of this host's clock
 TIMEOUT = 2.0  # seconds for munge or unmunge, munged's answer included
@@ -97,13 +98,16 @@ def _complaint(stderr: bytes) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:200]
 
 
-def for_request(method: str, target: bytes, body: bytes) -> bytes:
-    """The payload of a credential for one request: ``MARK``, the method, the target (path and
-    query, as sent) from /api/v1/ on (a proxy may serve the API under a prefix of its own), and the
-    SHA-256 of the body. ASCII, one line."""
-    start = target.find(API_ROOT)
-    target = target[start:] if start >= 0 else target
-    return b" ".join([MARK, method.upper().encode("ascii"), target, hashlib.sha256(body).hexdigest().encode()])
+def for_request(method: str, path: str, query: str, body: bytes) -> bytes:
+    """The payload of a credential for one request: ``MARK``, the method, the target and the
+    SHA-256 of the body. ``path`` is the request's path, percent-decoded, as the API's routes see it
+    (from /api/v1/ on); it is encoded again here one way, so a proxy that re-encodes paths (Apache's
+    ProxyPass does) changes nothing. ``query`` is the query string as sent. ASCII, one line."""
+    if not path.startswith(API_ROOT):
+        raise ValueError(f"not a path of the API: {path!r}")
+    target = urllib.parse.quote(path, safe="/") + (f"?{query}" if query else "")
+    return b" ".join([MARK, method.upper().encode("ascii"), target.encode("ascii"),
+                      hashlib.sha256(body).hexdigest().encode()])
 
 
 def credential(payload: bytes) -> str:

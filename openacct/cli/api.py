@@ -73,7 +73,7 @@ def token_create(
 def _days(expires: str) -> int | None:
     if expires == "never":
         return None
-    if not expires.isdigit():
+    if not (expires.isascii() and expires.isdigit()):
         raise InvalidInput(f"--expires is a number of days from 1 to 3660, or never; not {expires!r}")
     return int(expires)
 

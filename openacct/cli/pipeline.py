@@ -295,16 +295,22 @@ def flower(
         __import__(f"services.{name}.tasks")
     code: object = 0
     try:
-        get_app().start(["flower", f"--port={port}", f"--address={address}", "--purge_offline_workers=60"])
+        # Not persistent, whatever FLOWER_* variables or a flowerconfig.py say: the exit below
+        # skips the save that persistence would need.
+        get_app().start(["flower", f"--port={port}", f"--address={address}", "--purge_offline_workers=60",
+                         "--persistent=False"])
     except SystemExit as exc:
         code = exc.code
     # Flower's SIGTERM handler stops its loop, but its inspector threads can wait forever on the
     # broker's connection pool, and Python joins them before it exits: Flower logged "shutting
-    # down" and ran on until systemd or compose killed it. It keeps nothing to save (no
-    # --persistent), so once its loop is over the process ends here, logs flushed.
+    # down" and ran on until systemd or compose killed it. Once its loop is over the process ends
+    # here, logs flushed; a second SIGTERM meanwhile changes nothing.
     import logging
     import sys
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -2,8 +2,8 @@
 SCRIPT``. They ask the API (``api_url``) and need no database credentials: the caller is proved by
 MUNGE where ``munge`` is installed, as on any Slurm login node, else by a bearer token.
 
-Credentials, first found wins: ``OPENACCT_API_TOKEN``; a MUNGE credential (``munge -s``, a new one
-for every request); the token file ``~/.config/openacct/token`` (``$XDG_CONFIG_HOME``), which must
+Credentials, first found wins: ``OPENACCT_API_TOKEN``; a MUNGE credential (a new one for every
+request, naming it: ``munge.for_request``); the token file ``~/.config/openacct/token`` (``$XDG_CONFIG_HOME``), which must
 be the caller's own and readable by nobody else (mode 0600). HTTP is the standard library's, with a
 timeout, no redirects followed (credentials go to ``api_url`` and nowhere else), and every failure
 one line naming what to do.
@@ -91,14 +91,15 @@ class Credentials:
     source: str  # for messages: where the token came from, or MUNGE
     token: str | None = None
 
-    def authorization(self, method: str, target: str, body: bytes) -> str:
-        """The header for the request ``method`` ``target`` (its path and query, as sent) with ``body``."""
+    def authorization(self, method: str, path: str, query: str, body: bytes) -> str:
+        """The header for the request ``method`` ``path`` (percent-decoded, from /api/v1/ on)
+        ``?query`` (as sent) with ``body``."""
         if self.token is not None:
             return f"Bearer {self.token}"
         from openacct.api import munge
 
         try:  # a credential proves one request: a new one each time, naming it
-            return f"MUNGE {munge.credential(munge.for_request(method, target.encode('ascii'), body))}"
+            return f"MUNGE {munge.credential(munge.for_request(method, path, query, body))}"
         except munge.MungeRefused as exc:
             raise ApiError(f"{exc}; or use a token ({TOKEN_VARIABLE}, or the file {token_file()})") from None
 
@@ -171,13 +172,15 @@ class Api:
     def request(self, method: str, path: str, *, query: Mapping[str, Any] | None = None,
                 body: Mapping[str, Any] | None = None) -> Any:
         pairs = {k: v for k, v in (query or {}).items() if v is not None}
-        url = f"{self.url}/api/v1/{path}" + (f"?{urllib.parse.urlencode(pairs)}" if pairs else "")
+        query_string = urllib.parse.urlencode(pairs)
+        url = f"{self.url}/api/v1/{path}" + (f"?{query_string}" if query_string else "")
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("Accept", "application/json")
         if data is not None:
             request.add_header("Content-Type", "application/json")
-        request.add_unredirected_header("Authorization", self.creds.authorization(method, request.selector, data or b""))
+        request.add_unredirected_header("Authorization", self.creds.authorization(
+            method, urllib.parse.unquote(f"/api/v1/{path}"), query_string, data or b""))
         try:
             with _opener.open(request, timeout=TIMEOUT) as response:
                 payload = response.read(MAX_RESPONSE + 1)
