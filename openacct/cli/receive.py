@@ -39,7 +39,7 @@ def slurm_elasticsearch(
     if log_level not in ("debug", "info", "warning", "error"):
         raise InvalidInput(f"unknown log level {log_level!r}")
     host, port = host_and_port(listen)
-    allowed = _networks(allow) if allow else networks.parse(receiver.LOOPBACK)
+    allowed = _networks(allow) if allow else receiver.LOOPBACK
     if not allow and not _loopback(host):
         raise InvalidInput(f"--listen {listen} is not loopback: name the clients that may send records "
                            "with --allow (slurmctld's address)")
@@ -73,11 +73,13 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _networks(allow: list[str]) -> tuple[networks.Network, ...]:
+def _networks(allow: list[str]) -> list[str]:
+    """``allow``, checked here so that a bad one is an error of the command line."""
     try:
-        return networks.parse(allow)
+        networks.parse(allow)
     except ValueError as exc:
         raise InvalidInput(f"--allow {exc}") from None
+    return allow
 
 
 def _credentials(path: Path) -> str:
