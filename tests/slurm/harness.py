@@ -467,11 +467,12 @@ class Slurm:
         previous: list[list[dict[str, str]]] = [[]]
 
         def final() -> bool:
-            records[:] = self._sacct(jobs, duplicates)
             view = self._controller_view(jobs)
+            if view is not None and not all(state in FINAL_STATES for _, state, _ in view.values()):
+                return False  # slurmctld has not finished them: no need to ask slurmdbd yet
+            records[:] = self._sacct(jobs, duplicates)
             if view is not None:
-                return all(state in FINAL_STATES for _, state, _ in view.values()) and view == {
-                    r["JobIDRaw"]: (r["JobID"], r["State"].split()[0], r["End"]) for r in records}
+                return view == {r["JobIDRaw"]: (r["JobID"], r["State"].split()[0], r["End"]) for r in records}
             found = {r["JobIDRaw"] for r in records} | {r["JobID"].split("_")[0] for r in records}
             stable, previous[0] = records == previous[0], list(records)
             return stable and set(jobs) <= found and all(
@@ -483,13 +484,16 @@ class Slurm:
     def _controller_view(self, jobs: list[str]) -> dict[str, tuple[str, str, str]] | None:
         """Job id -> (sacct's JobID, state, end time) of each job and array task, as slurmctld
         has them; None once it has forgotten any of them."""
+        # One `scontrol show job` for all of them (every partition's, hidden ones too), not one
+        # per job: this is polled twice a second for minutes, beside make test's CPU-bound run.
+        result = self.run("scontrol", "-a", "show", "job", "-o", check=False)
+        known = [_fields(line) for line in result.stdout.strip().splitlines()] if result.returncode == 0 else []
         view = {}
-        for job in jobs:
-            result = self.run("scontrol", "show", "job", "-o", job, check=False)
-            lines = result.stdout.strip().splitlines()
-            if result.returncode != 0 or not lines:
+        for job in jobs:  # a job, or an array (its tasks and its pending remainder), by the id given
+            lines = [f for f in known if job in (f.get("JobId"), f.get("ArrayJobId"))]
+            if not lines:
                 return None
-            for fields in map(_fields, lines):
+            for fields in lines:
                 task = fields.get("ArrayTaskId")
                 name = fields["JobId"] if task is None else f"{fields['ArrayJobId']}_{task}"
                 view[fields["JobId"]] = (name, fields["JobState"], fields["EndTime"])

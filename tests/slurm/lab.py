@@ -68,7 +68,7 @@ def wait_until_recorded(engine: Engine, records: list[dict[str, str]], spool_dir
         return None not in charged(engine, records).values() and spool.backlog(spool_dir)[0] == 0
 
     try:
-        wait_for(done, timeout, "the ledger to record every job")
+        wait_for(done, timeout, "the ledger to record every job", interval=0.25)
     except AssertionError:
         with Session(engine) as s:
             parked = s.scalars(select(ParkedEvent.reason)).all()

@@ -136,14 +136,22 @@ def test_two_jobs_that_together_exceed_the_balance_never_both_run(
     assert billing_minutes(slurm, "poor") == ("2", 0)
     first = slurm.submit(POOR, "-t", "2", "--wrap", "sleep 115")
     slurm.wait_for_state(first, "RUNNING")
+    info = slurm.scontrol_job(first)
+    assert info is not None
+    started = int(info["StartTime"])  # epoch seconds (SLURM_TIME_FORMAT=%s)
     second = slurm.submit(POOR, "-t", "2", "--wrap", "sleep 1")
     wait_for(lambda: reason(slurm, second) == "PENDING AssocGrpBillingMinutes", 30, "the second job to wait")
     # Runs while the first job runs (whatever of its minutes Slurm has counted as used by then)
-    # give its money to nobody else.
-    for _ in range(3):
+    # give its money to nobody else. Each run is timed from the first job's start, not after the
+    # one before: the limit counts the first job's seconds as pending (0.0006 buys 2.93 minutes),
+    # so a run 55.6 s or more into it, before Slurm's minute-long usage round has counted any of
+    # it, rightly sets 1 (used 0 + floor(2.93 - 0.93)). Runs that drifted past that under load
+    # (a fixed 25 s after each, on a busy machine) failed with '1' == '2'.
+    for offset in (0, 20, 40):
+        time.sleep(max(0.0, started + offset - time.time()))
         openacct(limits_mode, "slurm", "limits")
         assert billing_minutes(slurm, "poor")[0] == "2"
-        time.sleep(25)
+    time.sleep(max(0.0, started + 80 - time.time()))  # past Slurm's first usage round of the first job
     assert slurm.job_state(first) == "RUNNING" and reason(slurm, second) == "PENDING AssocGrpBillingMinutes"
 
 
