@@ -44,6 +44,17 @@ DJANGO_VENV = ROOT / ".venv-django"
 DJANGO_REQUIREMENTS = ["django-openacct==0.0.5", "django>=5.2,<6", "psycopg[binary]>=3.1"]
 
 
+def machine_speed() -> float:
+    """Milliseconds this host takes for a fixed pure-Python loop (the best of 5): the same kind of
+    machine is not always as fast (a virtual machine shares its host), so each run names its speed."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        sum(range(10_000_000))
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
 def scratch_database(tmp: Path) -> str:
     import psycopg
     from sqlalchemy import make_url
@@ -348,6 +359,7 @@ def main() -> int:
     from shared import local_instance
     from tests.pipeline import RedisServer
 
+    speed = machine_speed()
     with tempfile.TemporaryDirectory() as name, local_instance.stopped_after(Path(name)) as tmp:
         url = scratch_database(tmp)
         server_url = make_url(url).set(database="postgres").render_as_string(hide_password=False)
@@ -385,6 +397,8 @@ def main() -> int:
 
     print(f"issue 16's targets, each beside its baseline, one run: {os.cpu_count()} cores, 2 worker processes, "
           f"Redis broker, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"  this host's speed: sum(range(10**7)) in {speed:.0f} ms before the run, {machine_speed():.0f} ms after "
+          "(the lower, the faster)")
     line("ingest, a full spool to charged rows", f"{ours:,.0f} events/s", f">= {TARGET_RATE:,}", ours >= TARGET_RATE)
     line(f"  x the textbook ({args.textbook_events:,} events)", f"{ours / textbook:.1f}x", f">= {TARGET_RATIO}x",
          ours / textbook >= TARGET_RATIO,
