@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,15 +87,15 @@ def hook_env(base: dict[str, str], spool: Path, broker_url: str, settings: str) 
     return {**env, "OPENACCT_CONFIG": str(config)}
 
 
+@dataclass
 class Timings:
-    """Milliseconds per run: the bare interpreter's and the hook's in each pass, and whether the
-    hook did its job in every run (spooled each event, rejected none, never called the broker)."""
+    """Milliseconds per run: the bare interpreter's and the hook's in each pass, and what went
+    wrong if the hook did not do its job in every run (spool each event, reject none, never call
+    the broker)."""
 
-    def __init__(self, runs: int, settings: str) -> None:
-        self.runs, self.settings = runs, settings
-        self.passes: dict[str, list[float]] = {}
-        self.bare: list[float] = []
-        self.problem = ""
+    passes: dict[str, list[float]] = field(default_factory=dict)
+    bare: list[float] = field(default_factory=list)
+    problem: str = ""
 
     @property
     def bare_p50(self) -> float:
@@ -113,7 +114,7 @@ class Timings:
 def measure(runs: int, settings: str = "file") -> Timings:
     broker = Broker()
     base = jobcomp_env()
-    timings = Timings(runs, settings)
+    timings = Timings()
     with tempfile.TemporaryDirectory(prefix="openacct-bench-") as tmp:
         passes = {f"broker up ({broker.url})": Path(tmp) / "up", f"broker down ({CLOSED_BROKER})": Path(tmp) / "down"}
         envs = {name: hook_env(base, spool, broker.url if "up" in name else CLOSED_BROKER, settings)
