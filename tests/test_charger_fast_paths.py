@@ -113,3 +113,41 @@ def test_each_partition_and_qos_of_a_batch_is_priced_with_its_own_multipliers() 
         assert charge.amount == 4 * rate * Decimal(multiplier), job_id
         shown = (Decimal(charge.details["partition_multiplier"]), Decimal(charge.details["qos_multiplier"]))
         assert shown == (Decimal(partition), Decimal(qos)), job_id
+
+
+STRINGS = ["plain", 'quote"d', "back\\slash", "back\\n, a backslash and an n", "new\nline", "tab\t", "\x01",
+           "é ünïcödé ☃", "null", "NULL", "", " spaced ", "{braces},", "NaN", None]
+
+
+@pytest.mark.parametrize("strings", [STRINGS[:4] + STRINGS[7:], STRINGS], ids=["as-a-literal", "with-control-characters"])
+def test_bulk_arrays_write_and_find_every_value_as_given(db_connection: Connection, strings: list[str | None]) -> None:
+    """Numbers, text and JSON go as array literals written by json.dumps and str.join: every
+    value must come back as it was, quotes, backslashes, NULLs and control characters included."""
+    from sqlalchemy import BigInteger, Column, DateTime, MetaData, Numeric, String, Table, text
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    table = Table("bulk_probe", MetaData(), Column("n", BigInteger), Column("s", String(64)),
+                  Column("d", Numeric(24, 6)), Column("t", DateTime(timezone=True)), Column("j", JSONB))
+    count = len(strings)
+    now = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
+    columns = {
+        "n": [None if i % 3 == 0 else (-1) ** i * 2**62 // (i + 1) for i in range(count)],
+        "s": strings,
+        "d": [Decimal(i) / 7 if i % 2 else Decimal("-12345678.5") for i in range(count)],
+        "t": [now + dt.timedelta(microseconds=i) for i in range(count)],
+        "j": [None if s is None else json.dumps({"s": s}) for s in strings],
+    }
+    with session_scope() as s:
+        s.execute(text("CREATE TEMP TABLE bulk_probe (n bigint, s varchar(64), d numeric(24, 6), "
+                       "t timestamptz, j jsonb) ON COMMIT DROP"))
+        bulk.insert_columns(s, table, columns)
+        rows = s.execute(text("SELECT n, s, d, t, j FROM bulk_probe ORDER BY t")).all()
+        assert [r.n for r in rows] == columns["n"]
+        assert [r.s for r in rows] == strings
+        assert [r.d for r in rows] == [d.quantize(Decimal("0.000001")) for d in columns["d"]]
+        assert [r.j for r in rows] == [None if s is None else {"s": s} for s in strings]
+        present = [x for x in strings if x is not None]
+        found = bulk.select_where_any(s, table, ("s",), "s", present + ["absent"])
+        assert sorted(r[0] for r in found) == sorted(present)
+        assert len(bulk.select_where_any(s, table, ("n",), "n", [n for n in columns["n"] if n is not None])) == \
+            sum(n is not None for n in columns["n"])
