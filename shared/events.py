@@ -12,16 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import re
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -54,22 +52,29 @@ Count = Annotated[int, Field(ge=0, le=10_000_000, strict=True)]
 EARLIEST = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
+def _plausible(name: str, value: dt.datetime, latest: dt.datetime) -> dt.datetime:
+    """``value`` in UTC, or ValueError naming the field."""
     if value.tzinfo is None:
-        raise ValueError("must carry a time zone (an offset or Z), or be epoch seconds")
+        raise ValueError(f"{name}: must carry a time zone (an offset or Z), or be epoch seconds")
     # Converted first: bounds in UTC compare field by field, where the parser's offset would
     # have every comparison ask it for the offset (a third of the charger's parsing). A time so
     # near year 1 or 9999 that UTC cannot hold it is out of bounds all the same.
     try:
         utc = value.astimezone(dt.UTC)
     except OverflowError:
-        raise ValueError("is not a plausible time (before 1990 or in the future)") from None
-    if not EARLIEST <= utc <= dt.datetime.now(dt.UTC) + CLOCK_SKEW:
-        raise ValueError("is not a plausible time (before 1990 or in the future)")
+        utc = None
+    if utc is None or not EARLIEST <= utc <= latest:
+        raise ValueError(f"{name}: is not a plausible time (before 1990 or in the future)")
     return utc
 
 
-Time = Annotated[dt.datetime, AfterValidator(_aware)]
+# Every time of an event must carry its zone and be plausible, and is kept in UTC: Event._checked
+# sees to each field of this type.
+Time = dt.datetime
+
+
+def _is_time(annotation: Any) -> bool:
+    return annotation is dt.datetime or any(a is dt.datetime for a in get_args(annotation))
 
 
 class Event(BaseModel):
@@ -79,6 +84,35 @@ class Event(BaseModel):
     event_id: str = Field(min_length=1, max_length=200)
     emitted_at: Time | None = None
     source: str = Field(default="", max_length=64, description="What produced it: slurm-jobcomp, publish, …")
+
+    # The names of the Time fields, found once per class.
+    _times: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._times = tuple(name for name, f in cls.model_fields.items() if _is_time(f.annotation))
+
+    @model_validator(mode="after")
+    def _checked(self) -> Self:
+        # One validator once the fields are valid, not one per rule: each call pydantic makes back
+        # into Python costs about what its check does, and the charger and publish parse every event.
+        fields = self.__dict__  # frozen to its readers, not to its own validation
+        latest = dt.datetime.now(dt.UTC) + CLOCK_SKEW
+        problems = []
+        for name in self._times:
+            if (value := fields[name]) is not None:
+                try:
+                    fields[name] = _plausible(name, value, latest)
+                except ValueError as exc:
+                    problems.append(str(exc))
+        if problems:  # each bad time, as pydantic tells each bad field
+            raise ValueError("; ".join(problems))
+        self._check()
+        return self
+
+    def _check(self) -> None:
+        """A kind's rules beyond its fields' types, its times already in UTC: ValueError says why."""
 
 
 class JobFields(Event):
@@ -103,14 +137,12 @@ class JobFields(Event):
     memory_mb: Annotated[int, Field(ge=0, le=10**12, strict=True)] | None = None
     time_limit_minutes: Annotated[int, Field(ge=0, le=10**8, strict=True)] | None = None
 
-    @model_validator(mode="after")
-    def _id_matches_the_job(self) -> JobFields:
+    def _check(self) -> None:
         if self.submit_time is None and self.start_time is None:
             raise ValueError("a job event needs submit_time or start_time")
         expected = self.expected_id()
         if self.event_id != expected:
             raise ValueError(f"event_id {self.event_id!r} does not match its job (expected {expected!r})")
-        return self
 
     def expected_id(self) -> str:
         def epoch(t: dt.datetime | None) -> int | None:
@@ -131,16 +163,13 @@ class JobCompleted(JobFields):
     state: str = Field(max_length=32)
     exit_code: Annotated[int, Field(ge=-1024, le=1024, strict=True)] | None = None
 
-    @field_validator("state")
-    @classmethod
-    def _known_state(cls, value: str) -> str:
-        state = value.upper().split()[0] if value.strip() else value
+    def _check(self) -> None:
+        # Slurm says "CANCELLED by 1000": the state is its first word
+        state = self.state.upper().split()[0] if self.state.strip() else self.state
         if state not in JOB_STATES:
-            raise ValueError(f"unknown job state {value!r}")
-        return state
-
-    @model_validator(mode="after")
-    def _times_in_order(self) -> JobCompleted:
+            raise ValueError(f"state: unknown job state {self.state!r}")
+        self.__dict__["state"] = state
+        super()._check()
         start = self.start_time or self.end_time
         if self.submit_time is not None and start < self.submit_time:
             raise ValueError("start_time is before submit_time")
@@ -148,7 +177,6 @@ class JobCompleted(JobFields):
             raise ValueError("end_time is before start_time")
         if self.end_time - start > LONGEST_JOB:
             raise ValueError(f"the job ran longer than {LONGEST_JOB.days} days")
-        return self
 
 
 
@@ -165,15 +193,13 @@ class RefundRequested(Event):
     reason: str = Field(min_length=1, max_length=2000)
     requester: str = Field(min_length=1, max_length=64)
 
-    @model_validator(mode="after")
-    def _one_target_one_size(self) -> RefundRequested:
+    def _check(self) -> None:
         if (self.transaction_id is None) == (self.job_id is None):
             raise ValueError("name exactly one of transaction_id or job_id")
         if self.job_id is not None and self.system is None:
             raise ValueError("a job refund needs the job's system")
         if self.amount is not None and self.fraction is not None:
             raise ValueError("give amount or fraction, not both")
-        return self
 
 
 class ReportRequested(Event):
