@@ -361,6 +361,8 @@ class LedgerTransaction(Base):
         CheckConstraint(_one_of("kind", TRANSACTION_KINDS), name="kind"),
         CheckConstraint("amount >= 0", name="amount_not_negative"),
         Index("ix_ledger_transactions_account_effective", "account_id", "effective_at"),
+        # only the rows that refer to another (refunds, releases, adjustments): not a NULL per charge
+        Index("ix_ledger_transactions_refers_to_id", "refers_to_id", postgresql_where=text("refers_to_id IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -377,9 +379,8 @@ class LedgerTransaction(Base):
     quantity: Mapped[Decimal | None] = mapped_column(Quantity)
     rate: Mapped[Decimal | None] = mapped_column(Rate)
     # The charge a refund or adjustment reverses, the hold a release frees.
-    refers_to_id: Mapped[int | None] = mapped_column(
-        ForeignKey("ledger_transactions.id"), index=True
-    )
+    # (checked per statement, migration 0016: transactions are never deleted)
+    refers_to_id: Mapped[int | None] = mapped_column(BigInteger)
     description: Mapped[str] = mapped_column(Text, default="", server_default="")
     details: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
     actor: Mapped[str] = mapped_column(Text, default="", server_default="")
@@ -473,7 +474,6 @@ class ProcessedEvent(Base):
     event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     kind: Mapped[str] = mapped_column(String(64))
     processed_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
-    transaction_id: Mapped[int | None] = mapped_column(ForeignKey("ledger_transactions.id"))
 
 
 class ParkedEvent(Base):

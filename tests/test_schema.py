@@ -10,7 +10,7 @@ from sqlalchemy import Engine, inspect
 from shared.migrate import alembic_config, upgrade
 from shared.models import Base
 
-HEAD = "0015"
+HEAD = "0016"
 
 
 def test_migrated_database_matches_the_models(engine: Engine) -> None:
@@ -61,6 +61,13 @@ def test_references_of_the_hot_tables_are_checked_per_statement(db_connection, q
         with db_connection.begin_nested():
             db_connection.execute(text(insert_job.replace("generate_series(1, 3)", "generate_series(4, 5)")),
                                   {"system": system, "account": 999999})
+    # refers_to_id too (migration 0016), though no row refers to anything here
+    refund = ("INSERT INTO ledger_transactions (kind, idempotency_key, request_hash, amount, account_id, refers_to_id, "
+              "effective_at) VALUES ('refund', :key, '', 0, :account, :refers, now())")
+    with pytest.raises(IntegrityError, match=r"ledger_transactions.refers_to_id = 424242 refers to no row of "
+                                             r"ledger_transactions"):
+        with db_connection.begin_nested():
+            db_connection.execute(text(refund), {"key": "nowhere", "account": account, "refers": 424242})
     # (the ledger's own check of entries, migration 0011, fires first and says it its way)
     with pytest.raises(IntegrityError, match=r"transaction #424242: an entry of a transaction that does not exist"):
         with db_connection.begin_nested():
