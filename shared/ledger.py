@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -424,7 +423,7 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
         shown = multipliers.get(id(r.multiplier))
         if shown is None:
             shown = multipliers[id(r.multiplier)] = money_str(r.multiplier)
-        details.append(json.dumps({"multiplier": shown, **r.details}))
+        details.append({"multiplier": shown, **r.details})
     # As columns, not a dict per row: the charger writes thousands per batch.
     inserted = bulk.insert_columns(
         session, LedgerTransaction.__table__,

@@ -151,3 +151,16 @@ def test_bulk_arrays_write_and_find_every_value_as_given(db_connection: Connecti
         assert sorted(r[0] for r in found) == sorted(present)
         assert len(bulk.select_where_any(s, table, ("n",), "n", [n for n in columns["n"] if n is not None])) == \
             sum(n is not None for n in columns["n"])
+
+
+@pytest.mark.parametrize("rows", [1, 14])  # one row goes as a constant, more as an array
+def test_bulk_json_documents_given_as_dicts_are_written_in_order(db_connection: Connection, rows: int) -> None:
+    from sqlalchemy import Column, Integer, MetaData, Table, text
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    table = Table("bulk_documents", MetaData(), Column("n", Integer), Column("j", JSONB))
+    documents = [{"s": s, "n": i, "nested": {"list": [i, None, "x"]}} for i, s in enumerate(STRINGS[:-1])][:rows]
+    with session_scope() as s:
+        s.execute(text("CREATE TEMP TABLE bulk_documents (n int, j jsonb) ON COMMIT DROP"))
+        bulk.insert_columns(s, table, {"n": list(range(len(documents))), "j": documents})
+        assert s.execute(text("SELECT j FROM bulk_documents ORDER BY n")).scalars().all() == documents
