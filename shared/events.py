@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Literal, Self, get_args
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -74,7 +75,12 @@ Time = dt.datetime
 
 
 def _is_time(annotation: Any) -> bool:
-    return annotation is dt.datetime or any(a is dt.datetime for a in get_args(annotation))
+    """Whether a field holds a time: a datetime, alone, annotated or in a union."""
+    if annotation is dt.datetime:
+        return True
+    if get_origin(annotation) is Annotated:
+        return _is_time(get_args(annotation)[0])
+    return get_origin(annotation) in (Union, UnionType) and any(_is_time(a) for a in get_args(annotation))
 
 
 class Event(BaseModel):
@@ -101,7 +107,7 @@ class Event(BaseModel):
         latest = dt.datetime.now(dt.UTC) + CLOCK_SKEW
         problems = []
         for name in self._times:
-            if (value := fields[name]) is not None:
+            if isinstance(value := fields[name], dt.datetime):
                 try:
                     fields[name] = _plausible(name, value, latest)
                 except ValueError as exc:

@@ -164,3 +164,29 @@ def test_bulk_json_documents_given_as_dicts_are_written_in_order(db_connection: 
         s.execute(text("CREATE TEMP TABLE bulk_documents (n int, j jsonb) ON COMMIT DROP"))
         bulk.insert_columns(s, table, {"n": list(range(len(documents))), "j": documents})
         assert s.execute(text("SELECT j FROM bulk_documents ORDER BY n")).scalars().all() == documents
+
+
+def test_every_time_of_every_event_is_checked_however_it_is_typed() -> None:
+    """The times an event's one validator checks are found from the fields' types: a time in a
+    union or an annotation must be found too, or it would go unchecked."""
+    from typing import Annotated, Optional
+
+    from pydantic import Field
+
+    from shared.events import Event, JobCompleted, JobStarted, RefundRequested, ReportRequested
+
+    assert JobCompleted._times == ("emitted_at", "submit_time", "start_time", "end_time")
+    assert JobStarted._times == ("emitted_at", "submit_time", "start_time")
+    assert RefundRequested._times == ("emitted_at", "submit_time")
+    assert ReportRequested._times == ("emitted_at",)
+
+    class Later(Event):
+        kind: str = "later"
+        a: Annotated[dt.datetime, Field(description="a")] | None = None
+        b: Optional[Annotated[dt.datetime, Field(description="b")]] = None  # noqa: UP045 - the old spelling too
+        c: dt.datetime | int = 0
+        d: int = 0
+
+    assert Later._times == ("emitted_at", "a", "b", "c")
+    with pytest.raises(ValueError, match="b: must carry a time zone"):
+        Later(schema_version=1, event_id="x", b=dt.datetime(2026, 1, 1))  # type: ignore[call-arg]
