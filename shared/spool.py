@@ -27,6 +27,11 @@ import zlib
 
 from shared.errors import OpenAcctError
 
+# Annotations only: collections.abc costs a hook the import of collections.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
 # Paths are plain strings: pathlib costs a hook several milliseconds to import.
 PathLike = str | os.PathLike[str]
 
@@ -155,11 +160,12 @@ def write_many(spool_dir: PathLike, events: list[tuple[str, bytes]]) -> None:
     spool_dir = os.fspath(spool_dir)
     if not events:
         return
+    records = _frames(data for _, data in events)
     try:
-        _append_framed(spool_dir, b"".join(frame(data) for _, data in events))
+        _append_framed(spool_dir, records)
     except FileNotFoundError:
         ensure(spool_dir)
-        _append_framed(spool_dir, b"".join(frame(data) for _, data in events))
+        _append_framed(spool_dir, records)
     except PermissionError:
         for event_id, data in events:
             write_file(spool_dir, event_id, data)
@@ -233,6 +239,16 @@ def frame(data: bytes) -> bytes:
     """One event as a record of the log; the checksum covers the length and time too."""
     rest = b"%d %d " % (len(data), time.time_ns()) + data
     return MAGIC + b"%08x " % zlib.crc32(rest) + rest
+
+
+def _frames(events: Iterable[bytes]) -> bytes:
+    """``frame`` of each event, joined: the same bytes, each event's copied once rather than three
+    times (a backfill frames millions)."""
+    parts: list[bytes] = []
+    for data in events:
+        rest = b"%d %d " % (len(data), time.time_ns())
+        parts += (MAGIC, b"%08x " % zlib.crc32(data, zlib.crc32(rest)), rest, data)
+    return b"".join(parts)
 
 
 def write_file(spool_dir: PathLike, event_id: str, data: bytes) -> str:
@@ -348,13 +364,18 @@ def _waiting_in_log(spool_dir: PathLike) -> list[tuple[int, bytes]]:
     """(ns spooled, event bytes) of every record of the log the relay has not yet let go of."""
     waiting: list[tuple[int, bytes]] = []
     for path in [*segments(spool_dir), os.path.join(spool_dir, LOG, CURRENT)]:
-        try:
-            with open(path, "rb") as f:
-                records, _ = read_records(f.read())
-        except FileNotFoundError:
-            continue
-        waiting += records[shipped_count(path):]
+        waiting += _waiting_in(path)
     return waiting
+
+
+def _waiting_in(path: str) -> list[tuple[int, bytes]]:
+    """(ns spooled, event bytes) of the records of one segment (or the log) not yet let go of."""
+    try:
+        with open(path, "rb") as f:
+            records, _ = read_records(f.read())
+    except FileNotFoundError:
+        return []
+    return records[shipped_count(path):]
 
 
 def pending_events(spool_dir: PathLike) -> list[bytes]:
@@ -375,9 +396,18 @@ def shipped_count(segment: str) -> int:
         return 0
 
 
-def backlog(spool_dir: PathLike) -> tuple[int, float]:
-    """How many events wait, and the age in seconds of the oldest."""
-    spooled_at = [ns for ns, _ in _waiting_in_log(spool_dir)]
+def backlog(spool_dir: PathLike, read: Mapping[str, list[int]] | None = None) -> tuple[int, float]:
+    """How many events wait, and the age in seconds of the oldest. ``read``: for segments the
+    caller has read already (the relay, shipping them), the spooled times (ns) of their records
+    not yet let go of. A segment never changes once rotated, and reading one again costs a third
+    as much as shipping it (0.25-0.37 s of CPU for 100,000 events), which the relay's report of
+    its backlog every few seconds would pay again and again while a large backlog drains."""
+    spooled_at: list[int] = []
+    for path in [*segments(spool_dir), os.path.join(spool_dir, LOG, CURRENT)]:
+        if read is not None and path in read:
+            spooled_at += read[path]
+        else:
+            spooled_at += [ns for ns, _ in _waiting_in(path)]
     try:
         spooled_at += [int(e.name.split("-", 1)[0]) for e in os.scandir(os.path.join(spool_dir, NEW))
                        if e.name.endswith(".json")]

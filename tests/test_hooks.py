@@ -510,5 +510,32 @@ def test_publish_spools_a_big_file_in_batches_and_a_pipe_line_by_line_as_it_come
         assert process.wait(timeout=30) == 0
 
 
+def test_publish_reads_jobcomp_records_as_json_loads_does_and_takes_numbers_as_text() -> None:
+    """A record is read as json.loads reads it, its errors too (word for word), though a line of
+    a backfill skips json.loads's preamble; numbers (and JSON's true and false) are taken as text,
+    anything else is refused."""
+    from openacct.cli.publish import _from_jobcomp
+
+    env = env_of("jobcomp", "with-slurmdbd", JOBNAME="ok")
+    as_text = json.loads(_from_jobcomp(json.dumps(env).encode(), "lab"))
+    numbers = {k: int(v) if v.isdigit() and k not in ("JOBNAME", "LIMIT") else v for k, v in env.items()}
+    assert json.loads(_from_jobcomp(json.dumps(numbers).encode(), "lab"))["event_id"] == as_text["event_id"]
+    assert json.loads(_from_jobcomp(json.dumps({**env, "JOBNAME": True}).encode(), "lab"))["name"] == "True"
+    assert json.loads(_from_jobcomp(json.dumps({"env": env}).encode("utf-16"), "lab"))["event_id"] == as_text["event_id"]
+    for value in (1.5, None, [1], {"a": "b"}):
+        with pytest.raises(BadInput, match="^not a jobcomp environment: want a JSON object of variable names"):
+            _from_jobcomp(json.dumps({**env, "JOBNAME": value}).encode(), "lab")
+    for raw in (b'{"JOBID":"1"}x', b"{", b'{"JOBID":"\xff"}', b'{"a":1} {"b":2}', b"\xff{}", b'{\x00"a"}'):
+        try:
+            json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            expected = f"not JSON: {type(exc).__name__}: {exc}"
+        with pytest.raises(BadInput) as refused:
+            _from_jobcomp(raw, "lab")
+        assert str(refused.value) == expected
+    with pytest.raises(BadInput, match="^not JSON: RecursionError: maximum recursion depth exceeded"):
+        _from_jobcomp(b'{"a":[' * 100_000, "lab")  # which of object or array it names depends on the stack
+
+
 def test_publish_of_a_missing_file_is_an_error(publish: Callable[..., Published]) -> None:
     assert publish("/no/such/file") == Published(1, "", "error: cannot read /no/such/file: No such file or directory\n")

@@ -6,6 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_client
@@ -101,9 +102,9 @@ def test_the_spool_never_writes_through_a_link_left_in_its_place(tmp_path: Path)
     assert target.read_text() == "keep"
 
 
-def test_events_stay_spooled_until_applied_and_ship_again_if_a_broker_lost_them(redis, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """What a worker marks applied (the database's task_deliveries, here a set) lets the relay
-    drop the events; a task never applied is published again after ``reship_after``."""
+def _relay_of_250_events(redis, tmp_path: Path, **options: Any) -> tuple[Path, set[str], Relay, Any]:  # type: ignore[no-untyped-def]
+    """250 job events spooled one by one, and a relay of batches of 100 whose workers have
+    applied what the returned set holds."""
     spool_dir = tmp_path / "spool"
     for n in range(250):
         event = job_completed(n)
@@ -111,8 +112,14 @@ def test_events_stay_spooled_until_applied_and_ship_again_if_a_broker_lost_them(
     applied: set[str] = set()
     app = Celery("relay-test")
     configure(app, Settings(broker_url=redis.url))
-    relay = Relay(app, spool_dir, 100, applied=lambda ids: applied & set(ids), reship_after=0.5)
-    client = redis_client.Redis(unix_socket_path=str(redis.socket))
+    relay = Relay(app, spool_dir, 100, applied=lambda ids: applied & set(ids), **options)
+    return spool_dir, applied, relay, redis_client.Redis(unix_socket_path=str(redis.socket))
+
+
+def test_events_stay_spooled_until_applied_and_ship_again_if_a_broker_lost_them(redis, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What a worker marks applied (the database's task_deliveries, here a set) lets the relay
+    drop the events; a task never applied is published again after ``reship_after``."""
+    spool_dir, applied, relay, client = _relay_of_250_events(redis, tmp_path, reship_after=0.5)
 
     def take() -> list[str]:  # what a worker would consume: the task ids, in order
         ids = []
@@ -131,7 +138,7 @@ def test_events_stay_spooled_until_applied_and_ship_again_if_a_broker_lost_them(
     (again,) = take()
     assert again not in first
     # A relay restarted now ships again what was not applied, and nothing applied.
-    restarted = Relay(app, spool_dir, 100, applied=lambda ids: applied & set(ids))
+    restarted = Relay(relay.app, spool_dir, 100, applied=lambda ids: applied & set(ids))
     assert restarted.ship_batch() == 50
     take()
     applied.add(again)
@@ -189,3 +196,69 @@ def test_relay_once_refuses_a_spool_anyone_can_write_to_and_ships_nothing(cli, t
     assert result.err.strip() == (f"error: spool {tmp_path / 'log'} is writable by every user, who could forge events: "
                                   "chmod o-w it (the hooks' user and the relay's group need access, nobody else)")
     assert spool.backlog(tmp_path)[0] == 1  # still there, shipped nowhere
+
+
+def test_an_event_goes_to_the_queue_its_kind_routes_to_as_parsing_it_would_say() -> None:
+    """message_item reads an event only where a kind routed away from the charger could be in
+    it: whatever the event, the queue is the one parsing it says."""
+    from shared.celery_app import ROUTES
+    from shared.relay import message_item
+
+    def parsed_route(data: bytes) -> str:
+        try:
+            kind = json.loads(data.decode()).get("kind")
+        except (ValueError, AttributeError, RecursionError):
+            return "charger"
+        return ROUTES.get(kind, "charger") if isinstance(kind, str) else "charger"
+
+    job = json.loads(raw(job_completed(1)))
+    datas = [raw(job_completed(1)), json.dumps({**job, "name": "refund.requested"}).encode(),
+             b'{"kind":"refund.requested","id":1}', b'{"kind":"report.requested"}',
+             b'{"kind":"re\\u0066und.requested"}', b'{"kind":"report\\u002erequested"}',
+             b'{"kind":"job.completed","kind":"refund.requested"}', b'{"kind":"refund.requested","kind":"x"}',
+             b'{"kind":["refund.requested"]}', b'["refund.requested"]', b'{"kind":"refund.requested"', b"",
+             b'{"kind":"job.started","name":"a\\\\b"}', b'{"kind":"no.such.kind"}']
+    for data in datas:
+        assert message_item(data) == (parsed_route(data), data.decode()), data
+    assert message_item(b"\xff\xfe") == ("charger", {"b64": "//4="})  # not UTF-8: the charger parks it
+
+
+def test_the_relay_reports_the_backlog_the_spool_holds_without_reading_its_segments_again(redis, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The relay knows what waits in the segments it read; what it reports is what reading the
+    spool says, as it ships, as workers apply, and as hooks spool more."""
+    spool_dir, applied, relay, client = _relay_of_250_events(redis, tmp_path)
+    read_again: list[int] = []  # the size of each log read
+    read_records = spool.read_records
+
+    def reported() -> tuple[int, float]:
+        """The relay's backlog at a fixed now, counting the logs it read for it."""
+        monkeypatch.setattr(spool.time, "time_ns", lambda: 2_000_000_000_000_000_000)
+        monkeypatch.setattr(spool, "read_records", lambda data: (read_again.append(len(data)), read_records(data))[1])
+        ours = relay.backlog()
+        monkeypatch.undo()
+        return ours.count, ours.oldest_seconds
+
+    def on_disk() -> tuple[int, float]:  # every segment read from disk
+        monkeypatch.setattr(spool.time, "time_ns", lambda: 2_000_000_000_000_000_000)
+        found = spool.backlog(spool_dir)
+        monkeypatch.undo()
+        return found
+
+    assert relay.ship_batch() == 100  # the log is now a segment, read whole
+    assert reported() == on_disk() and reported()[0] == 250
+    for n in range(250, 260):  # hooks spool more meanwhile: a new log, read from disk
+        event = job_completed(n)
+        spool.write(spool_dir, event["event_id"], raw(event))
+    read_again.clear()
+    assert reported() == on_disk() and reported()[0] == 260
+    assert len(read_again) == 2  # the new log alone, once for each report
+    assert [relay.ship_batch() for _ in range(2)] == [100, 50]
+    ids = []
+    while (message := client.rpop("charger")) is not None:
+        ids.append(json.loads(message)["headers"]["id"])
+    applied.update(ids[:2])
+    assert relay.confirm() == 1
+    assert reported() == on_disk() and reported()[0] == 60  # the applied prefix let go of
+    applied.update(ids)
+    relay.confirm()
+    assert reported() == on_disk() and reported()[0] == 10

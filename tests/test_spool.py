@@ -76,3 +76,12 @@ def test_a_log_this_user_may_not_append_to_falls_back_to_a_file_of_its_own(tmp_p
     where = spool.write(spool_dir, "second", b'{"n": 2}')
     assert where.startswith(str(spool_dir / "new"))
     assert spool.pending_events(spool_dir) == [b'{"n": 1}', b'{"n": 2}']
+
+
+def test_events_spooled_together_are_framed_as_each_would_be_alone(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    datas = [b'{"kind":"job.completed"}\n', b"", "caf\u00e9 \u2603".encode(), b"\nOA1 not a record", b"x" * 70_000]
+    monkeypatch.setattr(spool.time, "time_ns", lambda: 1_765_000_000_123_456_789)
+    assert spool._frames(datas) == b"".join(spool.frame(data) for data in datas)
+    monkeypatch.undo()
+    spool.write_many(tmp_path, [(str(n), data) for n, data in enumerate(datas)])
+    assert spool.pending_events(tmp_path) == datas

@@ -59,7 +59,8 @@ def publish(
         records = _records(stream)
         # A file (a backfill of millions of lines) is converted on every core, a batch of lines at
         # a time, and spooled in its order; a pipe line by line, as its lines come.
-        converted = (_in_parallel(records, from_, settings.default_system) if _is_file(stream)
+        is_file = _is_file(stream)
+        converted = (_in_parallel(records, from_, settings.default_system) if is_file
                      else (convert(line, raw, from_, settings.default_system) for line, raw in records))
         for line, kind, value in converted:
             counts[kind] += 1
@@ -70,8 +71,9 @@ def publish(
             elif kind == "event":
                 batch.append(value)
             # One fsync per batch, not per line; a pipe that has nothing more for now is not
-            # kept waiting for the batch to fill (tail -f | openacct publish -).
-            if batch and (len(batch) >= BATCH or not _more_ready(stream)):
+            # kept waiting for the batch to fill (tail -f | openacct publish -). A file always has
+            # more ready: asking it, a system call a line, was a fifth of this process's own work.
+            if batch and (len(batch) >= BATCH or (not is_file and not _more_ready(stream))):
                 spool.write_many(settings.spool_path, batch)
                 batch.clear()
         spool.write_many(settings.spool_path, batch)
@@ -94,7 +96,8 @@ def convert(line: int, raw: bytes, from_: RecordKind | None, default_system: str
         return line, "reject", (raw, str(exc))
     except UnicodeEncodeError as exc:  # a record's text that was not UTF-8 where it counts
         return line, "reject", (raw, f"not UTF-8 text: {exc.reason} at {exc.start}")
-    return line, "event", (event.event_id, data.rstrip() + b"\n")
+    # A converted record is one line of JSON already; an event as given may end in anything.
+    return line, "event", (event.event_id, data if from_ is not None else data.rstrip() + b"\n")
 
 
 def _convert_batch(records: list[tuple[int, bytes]], from_: RecordKind | None,
@@ -176,26 +179,61 @@ def _parses(raw: bytes) -> bool:
         return False
 
 
+_DECODER = json.JSONDecoder()
+# What json.loads gives, by type, that a jobcomp environment may hold (bool: isinstance(True, int)).
+_TEXT = {str}
+_TEXT_OR_NUMBER = {str, int, bool}
+
+
+def _object_line(raw: bytes) -> dict[str, Any] | None:
+    """``json.loads(raw)`` of a record that begins an object and holds nothing after it (a line
+    of a backfill, of which there are millions), without json.loads's preamble (finding the
+    encoding, skipping whitespace); None for anything else, errors too, which json.loads is then
+    left to read or refuse with its own message."""
+    # An object's "{" followed by a zero byte would be UTF-16 or UTF-32 to json.loads.
+    if raw[:1] == b"{" and raw[1:2] != b"\x00":
+        try:
+            text = raw.decode("utf-8", "surrogatepass")  # as json.loads decodes UTF-8
+            value, end = _DECODER.raw_decode(text)
+        except (ValueError, RecursionError):
+            return None
+        if end == len(text):
+            return value  # an object: the text begins with "{"
+    return None
+
+
 def _from_jobcomp(raw: bytes, default_system: str | None) -> bytes:
     """The event the jobcomp hook would have written for this record, now."""
     try:
-        record = json.loads(raw)
+        record = _object_line(raw)
+        if record is None:  # json.loads says what it is, or why it is not JSON
+            record = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise BadInput(f"not JSON: {type(exc).__name__}: {exc}") from None
     if isinstance(record, dict) and isinstance(record.get("env"), dict):  # a captured hook run
         if record.get("hook", "jobcomp") != "jobcomp":
             raise Skipped
         record = record["env"]
-    if not isinstance(record, dict) or not all(isinstance(v, str | int) for v in record.values()):
+    if not isinstance(record, dict):
         raise BadInput("not a jobcomp environment: want a JSON object of variable names to strings")
-    env = {str(k): str(v) for k, v in record.items()}
+    # JSON's names are text already: a record of text values (nearly every one) is the environment
+    # as it is, without a copy; numbers (and JSON's true and false, which are ints too) become text.
+    types = set(map(type, record.values()))
+    if types <= _TEXT:
+        env = record
+    elif types <= _TEXT_OR_NUMBER:
+        env = {k: str(v) for k, v in record.items()}
+    else:
+        raise BadInput("not a jobcomp environment: want a JSON object of variable names to strings")
     return _dump(slurm.jobcomp_event(env, int(time.time()), default_system, source="publish:slurm-jobcomp"))
 
 
 def _from_elasticsearch(raw: bytes, default_system: str | None) -> bytes:
     """The event the receiver would have spooled for this jobcomp/elasticsearch record, now."""
     try:
-        record = json.loads(raw)
+        record = _object_line(raw)
+        if record is None:  # json.loads says what it is, or why it is not JSON
+            record = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise BadInput(f"not JSON: {type(exc).__name__}: {exc}") from None
     if isinstance(record, dict) and isinstance(record.get("_source"), dict):  # a document of the index
@@ -209,11 +247,15 @@ def _from_elasticsearch(raw: bytes, default_system: str | None) -> bytes:
     return _dump({**event, "source": "publish:slurm-elasticsearch"})
 
 
+# json.dumps with options other than its defaults builds an encoder on every call; one does.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _dump(event: dict[str, object]) -> bytes:
     """One line of JSON, as ``shared.job_event.encode`` writes it for the hooks (which cannot
     afford importing json), in C here: a backfill writes millions. Raises UnicodeEncodeError for
     text that was not UTF-8 to begin with."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return _ENCODER.encode(event).encode() + b"\n"
 
 
 CONVERT = {RecordKind.slurm_jobcomp: _from_jobcomp, RecordKind.slurm_elasticsearch: _from_elasticsearch}
