@@ -39,12 +39,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-# Scale of every stored amount of money, and of quantities of service used.
-MONEY_SCALE = 6
-RATE_SCALE = 10
-Money = Numeric(24, MONEY_SCALE)
-Quantity = Numeric(24, MONEY_SCALE)
-Rate = Numeric(24, RATE_SCALE)
+from shared.money import MONEY_SCALE, PRECISION, RATE_SCALE
+
+Money = Numeric(PRECISION, MONEY_SCALE)
+Quantity = Numeric(PRECISION, MONEY_SCALE)
+Rate = Numeric(PRECISION, RATE_SCALE)
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",

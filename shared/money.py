@@ -21,13 +21,18 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 from shared.config import get_settings
 from shared.errors import InvalidInput
-from shared.models import MONEY_SCALE, RATE_SCALE, Money, Rate
 
+# The shape of every stored number (shared.models' Money, Quantity and Rate columns are made of
+# these; written here, so that what only formats or parses money needs no database layer):
+# digits in all, and after the point for money and quantities, and for rates.
+PRECISION = 24
+MONEY_SCALE = 6
+RATE_SCALE = 10
 # NUMERIC(24, 6) holds 18 digits before the point; stay well inside it.
 MAX_MONEY = Decimal("1e15")
 # What the columns can hold at all: NUMERIC(24, 10) rates 14 digits, NUMERIC(24, 6) amounts 18.
-MAX_RATE = Decimal(10) ** (Rate.precision - Rate.scale)
-MAX_STORED_MONEY = Decimal(10) ** (Money.precision - Money.scale)
+MAX_RATE = Decimal(10) ** (PRECISION - RATE_SCALE)
+MAX_STORED_MONEY = Decimal(10) ** (PRECISION - MONEY_SCALE)
 
 
 def parse_decimal(

@@ -868,3 +868,25 @@ def test_a_database_without_the_schema_says_to_upgrade_it(tmp_path: Path, scratc
     assert line == (f"error: the database at {where}/{url.database} has no OpenAcct schema "
                     "(or an old one): run `openacct db upgrade`")
     assert f"{url.username}@" not in line
+
+
+def test_a_command_imports_its_own_module_and_publish_no_database_layer(tmp_path: Path) -> None:
+    """Each command's module is loaded when it runs: a backfill's `openacct publish` (and each
+    user's command) no longer pays for importing every other one, SQLAlchemy included."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    probe = ("import sys; from openacct.cli import run; "
+             f"code = run(['publish', '--from', 'slurm-jobcomp', {str(empty)!r}]); "
+             "print(code, sorted(m for m in ('sqlalchemy', 'openacct.cli.money', 'openacct.api') if m in sys.modules))")
+    env = {**os.environ, "OPENACCT_SPOOL_DIR": str(tmp_path / "spool")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.splitlines()[-1] == "0 []", out.stdout + out.stderr
+
+
+def test_every_command_of_the_table_loads_and_says_its_help(cli: Cli) -> None:
+    from openacct.cli import COMMANDS
+
+    for name in COMMANDS:
+        result = cli(name, "--help")
+        assert result.code == 0 and "Usage: openacct " + name in result.out, (name, result.out, result.err)
+    assert "Did you mean 'balance'?" in cli("balanc").err

@@ -2,44 +2,130 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from psycopg.errors import UndefinedColumn, UndefinedTable
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from typer import _click as click  # typer >= 0.29 ships its own click
 from typer._click.exceptions import (  # typer >= 0.29 ships its own click
     ClickException,
     NoArgsIsHelpError,
     UsageError,
 )
+from typer.core import TyperGroup
 
-from openacct.cli import (
-    admission,
-    api,
-    center,
-    health,
-    local,
-    money,
-    pipeline,
-    publish,
-    receive,
-    refunds,
-    reports,
-    slurm,
-    user,
-)
-from openacct.cli.limits import limit_app
 from openacct.cli.output import NEGATIVE_AMOUNTS, printable
-from openacct.cli.shell import shell
 from shared.errors import OpenAcctError
+
+# Each command's module is imported when the command is run, not all of them on every run:
+# importing them all (the database layer, the API server, Celery) took 0.7-1 s before any command
+# began, which every `openacct publish` of a backfill and every user's `openacct balance` paid.
+# name -> (module of openacct.cli, attribute: a Typer of commands, or a command's function; its
+# context settings).
+COMMANDS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
+    "grant": ("center", "grant", None),
+    "revoke": ("center", "revoke", None),
+    "deposit": ("money", "deposit", NEGATIVE_AMOUNTS),
+    "charge": ("money", "charge", None),
+    "transfer": ("money", "transfer", NEGATIVE_AMOUNTS),
+    "balance": ("money", "balance", None),
+    "quote": ("money", "quote", None),
+    "estimate": ("user", "estimate", None),
+    "transactions": ("money", "transactions", None),
+    "shell": ("shell", "shell", None),
+    "worker": ("pipeline", "worker", None),
+    "relay": ("pipeline", "relay", None),
+    "flower": ("pipeline", "flower", None),
+    "health": ("health", "health", None),
+    "publish": ("publish", "publish", None),
+    "refund": ("refunds", "refund", None),
+    "incident": ("refunds", "incident", None),
+    "rerate": ("refunds", "rerate", None),
+    "statement": ("reports", "statement", None),
+    "alerts": ("reports", "alerts", None),
+    "beat": ("reports", "beat", None),
+    # groups of commands
+    "local": ("local", "local_app", None),
+    "system": ("center", "system_app", None),
+    "service": ("center", "service_app", None),
+    "user": ("center", "user_app", None),
+    "project": ("center", "project_app", None),
+    "api": ("api", "api_app", None),
+    "token": ("api", "token_app", None),
+    "member": ("center", "member_app", None),
+    "limit": ("limits", "limit_app", None),
+    "account": ("center", "account_app", None),
+    "slurm": ("slurm", "slurm_app", None),
+    "receive": ("receive", "receive_app", None),
+    "admission": ("admission", "admission_app", None),
+    "holds": ("admission", "holds_app", None),
+    "ledger": ("money", "ledger_app", None),
+    "deadletter": ("pipeline", "deadletter_app", None),
+    "job": ("pipeline", "job_app", None),
+    "events": ("pipeline", "events_app", None),
+    "report": ("reports", "report_app", None),
+}
+
+
+def _compile(name: str) -> click.Command:
+    """The click command of ``COMMANDS[name]``, as ``app.add_typer`` or ``app.command`` makes it."""
+    module, attribute, settings = COMMANDS[name]
+    target = getattr(importlib.import_module(f"openacct.cli.{module}"), attribute)
+    holder = typer.Typer(add_completion=False)
+    holder.callback()(lambda: None)  # a group, whatever it holds: its one member is the command
+    if isinstance(target, typer.Typer):
+        holder.add_typer(target, name=name)
+    else:
+        holder.command(name, context_settings=settings)(target)
+    group = typer.main.get_command(holder)
+    assert isinstance(group, TyperGroup)
+    return group.commands[name]
+
+
+class _Commands(MutableMapping[str, click.Command]):
+    """openacct's commands by name, those of ``COMMANDS`` compiled when first looked up: listing
+    them (help, "did you mean") sees every name and compiles none."""
+
+    def __init__(self, compiled: Mapping[str, click.Command]) -> None:
+        self._compiled = dict(compiled)
+
+    def __getitem__(self, name: str) -> click.Command:
+        if name not in self._compiled:
+            if name not in COMMANDS:
+                raise KeyError(name)
+            self._compiled[name] = _compile(name)
+        return self._compiled[name]
+
+    def __setitem__(self, name: str, command: click.Command) -> None:
+        self._compiled[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._compiled[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._compiled or name in COMMANDS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._compiled, *(name for name in COMMANDS if name not in self._compiled)])
+
+    def __len__(self) -> int:
+        return len(self._compiled.keys() | COMMANDS.keys())
+
+
+class _Group(TyperGroup):
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        self.commands = _Commands(self.commands)
+
 
 app = typer.Typer(
     name="openacct",
     help="OpenAcct: allocations, charges and balances for a research computing center.",
+    cls=_Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -126,48 +212,6 @@ def demo() -> None:
 
 
 app.add_typer(db_app, name="db")
-app.add_typer(local.local_app, name="local")
-app.add_typer(center.system_app, name="system")
-app.add_typer(center.service_app, name="service")
-app.add_typer(center.user_app, name="user")
-app.add_typer(center.project_app, name="project")
-center.project_app.add_typer(api.manager_app, name="manager")
-app.add_typer(api.api_app, name="api")
-app.add_typer(api.token_app, name="token")
-app.add_typer(center.member_app, name="member")
-app.add_typer(limit_app, name="limit")
-app.add_typer(center.account_app, name="account")
-app.add_typer(slurm.slurm_app, name="slurm")
-app.add_typer(receive.receive_app, name="receive")
-app.add_typer(admission.admission_app, name="admission")
-app.add_typer(admission.holds_app, name="holds")
-app.command("grant")(center.grant)
-app.command("revoke")(center.revoke)
-app.command("deposit", context_settings=NEGATIVE_AMOUNTS)(money.deposit)
-app.command("charge")(money.charge)
-app.command("transfer", context_settings=NEGATIVE_AMOUNTS)(money.transfer)
-app.command("balance")(money.balance)
-app.command("quote")(money.quote)
-app.command("estimate")(user.estimate)
-pipeline.job_app.command("cost")(user.job_cost)
-app.command("transactions")(money.transactions)
-app.add_typer(money.ledger_app, name="ledger")
-app.command("shell")(shell)
-app.command("worker")(pipeline.worker)
-app.command("relay")(pipeline.relay)
-app.command("flower")(pipeline.flower)
-app.command("health")(health.health)
-app.add_typer(pipeline.deadletter_app, name="deadletter")
-app.add_typer(pipeline.job_app, name="job")
-app.add_typer(pipeline.events_app, name="events")
-app.command("publish")(publish.publish)
-app.command("refund")(refunds.refund)
-app.command("incident")(refunds.incident)
-app.command("rerate")(refunds.rerate)
-app.command("statement")(reports.statement)
-app.command("alerts")(reports.alerts)
-app.command("beat")(reports.beat)
-app.add_typer(reports.report_app, name="report")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -201,28 +245,38 @@ def run(argv: Sequence[str] | None = None) -> int:
     except OpenAcctError as exc:
         typer.echo(f"error: {printable(str(exc))}", err=True)
         return 1
-    except IntegrityError as exc:
-        # A concurrent writer created the same thing between our check and our insert.
-        typer.echo(f"error: conflicts with existing data: {_first_line(exc)}", err=True)
-        return 1
-    except OperationalError as exc:
-        typer.echo(f"error: cannot use the database: {_first_line(exc)}", err=True)
-        return 1
-    except DBAPIError as exc:
-        if isinstance(exc.orig, UndefinedTable | UndefinedColumn):
-            from shared.db import schema_missing
-
-            typer.echo(f"error: {schema_missing()}", err=True)
-        else:
-            typer.echo(f"error: the database refused: {_first_line(exc)}", err=True)
-        return 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if (said := _database_error(exc)) is not None:
+            typer.echo(f"error: {said}", err=True)
+            return 1
         if os.environ.get("OPENACCT_DEBUG"):
             raise
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (OPENACCT_DEBUG=1 shows where)", err=True)
         return 70
+
+
+def _database_error(exc: Exception) -> str | None:
+    """What to tell of an error of the database's, or None for any other. A command that never
+    imported SQLAlchemy (publish, hook, keys) cannot have met one, nor pay for importing it."""
+    if "sqlalchemy" not in sys.modules:
+        return None
+    from psycopg.errors import UndefinedColumn, UndefinedTable
+    from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+    if isinstance(exc, IntegrityError):
+        # A concurrent writer created the same thing between our check and our insert.
+        return f"conflicts with existing data: {_first_line(exc)}"
+    if isinstance(exc, OperationalError):
+        return f"cannot use the database: {_first_line(exc)}"
+    if isinstance(exc, DBAPIError):
+        if isinstance(exc.orig, UndefinedTable | UndefinedColumn):
+            from shared.db import schema_missing
+
+            return schema_missing()
+        return f"the database refused: {_first_line(exc)}"
+    return None
 
 
 def main() -> None:

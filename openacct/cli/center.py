@@ -272,3 +272,9 @@ def account_list(
                          "default": account.is_default, "active": account.active,
                          "expires_at": account.expires_at, "available": balance.available})
     emit_rows(rows, ["name", "project", "default", "active", "expires_at", "available"], as_json=as_json)
+
+
+# A PI's managers are named with the project's commands; their own module is the API's.
+from openacct.cli.api import manager_app  # noqa: E402 - after project_app, which it joins
+
+project_app.add_typer(manager_app, name="manager")

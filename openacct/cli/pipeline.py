@@ -315,3 +315,9 @@ def flower(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+
+
+# What a job cost is asked by users too: its command lives with theirs.
+from openacct.cli.user import job_cost  # noqa: E402 - after job_app, which it joins
+
+job_app.command("cost")(job_cost)

@@ -20,8 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidInput, NotFound
-from shared.models import MONEY_SCALE, ServiceRate
-from shared.money import MAX_STORED_MONEY, parse_decimal
+from shared.models import ServiceRate
+from shared.money import MAX_STORED_MONEY, MONEY_SCALE, parse_decimal
 
 Quantity = Decimal | Fraction
 ONE = Decimal(1)
