@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from psycopg.types.json import Jsonb
 from sqlalchemy import ARRAY, JSON, Integer, Numeric, String, Table, any_, bindparam
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
@@ -93,9 +92,10 @@ def insert_columns(
         return []
     # A column with the same value in every row (the kind, the actor, a NULL) is sent once, not
     # once per row: sending arrays is the client's main cost here.
-    constant = {c for c, v in values.items() if v.count(v[0]) == len(v)}
+    # (Not documents: to ==, {"n": 1}, {"n": True} and {"n": 1.0} are one value, to JSON three.)
+    constant = {c for c, v in values.items() if not isinstance(v[0], dict | list) and v.count(v[0]) == len(v)}
     arrays = [c for c in columns if c not in constant] or columns[:1]
-    params = {c: Jsonb(values[c][0]) if isinstance(values[c][0], dict) else values[c][0] for c in columns if c not in arrays}
+    params = {c: values[c][0] for c in columns if c not in arrays}
     unnest = []
     for c in arrays:
         placeholder, params[c] = _array(table, c, values[c])

@@ -153,17 +153,23 @@ def test_bulk_arrays_write_and_find_every_value_as_given(db_connection: Connecti
             sum(n is not None for n in columns["n"])
 
 
-@pytest.mark.parametrize("rows", [1, 14])  # one row goes as a constant, more as an array
+@pytest.mark.parametrize("rows", [1, 14, 3])
 def test_bulk_json_documents_given_as_dicts_are_written_in_order(db_connection: Connection, rows: int) -> None:
+    """Also documents that Python finds equal and JSON does not ({"n": 1}, {"n": True}, {"n": 1.0}):
+    each row keeps its own."""
     from sqlalchemy import Column, Integer, MetaData, Table, text
     from sqlalchemy.dialects.postgresql import JSONB
 
     table = Table("bulk_documents", MetaData(), Column("n", Integer), Column("j", JSONB))
-    documents = [{"s": s, "n": i, "nested": {"list": [i, None, "x"]}} for i, s in enumerate(STRINGS[:-1])][:rows]
+    documents = ([{"n": 1}, {"n": True}, {"n": 1.0}] if rows == 3 else
+                 [{"s": s, "n": i, "nested": {"list": [i, None, "x"]}} for i, s in enumerate(STRINGS[:-1])][:rows])
     with session_scope() as s:
         s.execute(text("CREATE TEMP TABLE bulk_documents (n int, j jsonb) ON COMMIT DROP"))
         bulk.insert_columns(s, table, {"n": list(range(len(documents))), "j": documents})
         assert s.execute(text("SELECT j FROM bulk_documents ORDER BY n")).scalars().all() == documents
+        if rows == 3:  # as text: to == they are all one
+            assert s.execute(text("SELECT j::text FROM bulk_documents ORDER BY n")).scalars().all() == \
+                ['{"n": 1}', '{"n": true}', '{"n": 1.0}']
 
 
 def test_every_time_of_every_event_is_checked_however_it_is_typed() -> None:
