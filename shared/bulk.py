@@ -37,11 +37,11 @@ def _array(table: Table, column: str, values: list[Any]) -> tuple[str, Any]:
     """The placeholder and parameter that send ``values`` as an array of ``column``'s type.
 
     An array literal (``{1,null,3}``, ``{"a","b\\"c"}``) costs the client a tenth of a
-    microsecond a value, psycopg's binary array 0.3-1.5 (a ``Decimal`` the most). JSON documents
-    given as dicts go as one JSON array of them. Inside double
+    microsecond a value, psycopg's binary array 0.3-1.5 (a ``Decimal`` the most). Inside double
     quotes, the literal escapes only ``"`` and ``\\``, with a backslash, as JSON does, so JSON's
     text of a list of strings is the literal once its brackets are braces; JSON's other escapes
-    (control characters) mean something else there, so a list holding one goes binary.
+    (control characters) mean something else there, so a list holding one goes binary. JSON
+    documents given as dicts go as one JSON array of them.
     """
     sql_type, cast = table.c[column].type, _type(table, column)
     kinds = set(map(type, values))

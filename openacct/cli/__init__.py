@@ -117,6 +117,8 @@ class _Commands(MutableMapping[str, click.Command]):
 
 
 class _Group(TyperGroup):
+    """openacct itself: a group whose commands are ``_Commands``."""
+
     def __init__(self, **attrs: Any) -> None:
         super().__init__(**attrs)
         self.commands = _Commands(self.commands)
