@@ -64,7 +64,8 @@ pytestmark = pytest.mark.usefixtures("quickstart")
 
 
 def test_an_account_without_money_is_refused_under_reject_and_nothing_is_held() -> None:
-    decision = ask(request(1))
+    refused = request(1)  # once: a second request(1) a clock second later would be another job
+    decision = ask(refused)
     assert (decision.admit, decision.policy, decision.cost) == (False, "reject", COST)
     # What every cluster user may read in the job's AdminComment: not the account's balance.
     assert decision.reason == "account 'phys' cannot cover this job: it may cost up to 0.30 (60 min limit)"
@@ -72,7 +73,7 @@ def test_an_account_without_money_is_refused_under_reject_and_nothing_is_held() 
     with session_scope() as s:  # its row says it never ran: the record of its requeue charges nothing
         [job] = s.scalars(select(Job).where(Job.job_id == "1")).all()
         assert (job.state, job.charge_policy) == ("PENDING", REFUSED)
-    start = request(1).start_time
+    start = refused.start_time
     with session_scope() as s:  # Slurm requeues it: jobcomp's PENDING record of the refused run
         charge_events(s, [raw(job_completed(1, cpus=6, seconds=2, end=start + dt.timedelta(seconds=2),
                                             state="PENDING"))])
