@@ -185,31 +185,30 @@ _TEXT = {str}
 _TEXT_OR_NUMBER = {str, int, bool}
 
 
-def _object_line(raw: bytes) -> dict[str, Any] | None:
-    """``json.loads(raw)`` of a record that begins an object and holds nothing after it (a line
-    of a backfill, of which there are millions), without json.loads's preamble (finding the
-    encoding, skipping whitespace); None for anything else, errors too, which json.loads is then
-    left to read or refuse with its own message."""
+def _json_record(raw: bytes) -> Any:
+    """``json.loads(raw)``, or BadInput saying why it is not JSON. A record that begins an object
+    and holds nothing after it (a line of a backfill, of which there are millions) is read without
+    json.loads's preamble (finding the encoding, skipping whitespace); anything else, errors too,
+    is left to json.loads to read or refuse with its own message."""
     # An object's "{" followed by a zero byte would be UTF-16 or UTF-32 to json.loads.
     if raw[:1] == b"{" and raw[1:2] != b"\x00":
         try:
             text = raw.decode("utf-8", "surrogatepass")  # as json.loads decodes UTF-8
             value, end = _DECODER.raw_decode(text)
         except (ValueError, RecursionError):
-            return None
-        if end == len(text):
-            return value  # an object: the text begins with "{"
-    return None
+            pass
+        else:
+            if end == len(text):
+                return value  # an object: the text begins with "{"
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadInput(f"not JSON: {type(exc).__name__}: {exc}") from None
 
 
 def _from_jobcomp(raw: bytes, default_system: str | None) -> bytes:
     """The event the jobcomp hook would have written for this record, now."""
-    try:
-        record = _object_line(raw)
-        if record is None:  # json.loads says what it is, or why it is not JSON
-            record = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise BadInput(f"not JSON: {type(exc).__name__}: {exc}") from None
+    record = _json_record(raw)
     if isinstance(record, dict) and isinstance(record.get("env"), dict):  # a captured hook run
         if record.get("hook", "jobcomp") != "jobcomp":
             raise Skipped
@@ -230,12 +229,7 @@ def _from_jobcomp(raw: bytes, default_system: str | None) -> bytes:
 
 def _from_elasticsearch(raw: bytes, default_system: str | None) -> bytes:
     """The event the receiver would have spooled for this jobcomp/elasticsearch record, now."""
-    try:
-        record = _object_line(raw)
-        if record is None:  # json.loads says what it is, or why it is not JSON
-            record = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise BadInput(f"not JSON: {type(exc).__name__}: {exc}") from None
+    record = _json_record(raw)
     if isinstance(record, dict) and isinstance(record.get("_source"), dict):  # a document of the index
         record = record["_source"]
     if not isinstance(record, dict):
