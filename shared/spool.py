@@ -236,14 +236,13 @@ def _create_log(path: str) -> int | None:
 
 
 def frame(data: bytes) -> bytes:
-    """One event as a record of the log; the checksum covers the length and time too."""
-    rest = b"%d %d " % (len(data), time.time_ns()) + data
-    return MAGIC + b"%08x " % zlib.crc32(rest) + rest
+    """One event as a record of the log."""
+    return _frames((data,))
 
 
 def _frames(events: Iterable[bytes]) -> bytes:
-    """``frame`` of each event, joined: the same bytes, each event's copied once rather than three
-    times (a backfill frames millions)."""
+    """Events as records of the log, joined; each record's checksum covers its length and time
+    too. Each event's bytes are copied once (a backfill frames millions)."""
     parts: list[bytes] = []
     for data in events:
         rest = b"%d %d " % (len(data), time.time_ns())
