@@ -114,12 +114,16 @@ def insert_columns(
 
 
 def select_where_any(session: Session, table: Table, columns: Sequence[str], column: str,
-                     values: Iterable[Any], also: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+                     values: Iterable[Any], also: Mapping[str, Any] | None = None,
+                     condition: str = "") -> list[tuple[Any, ...]]:
     """``SELECT columns FROM table WHERE column = ANY(values)`` (and, for each of ``also``,
     ``name = value``, or ``= ANY`` of a list or set), the arrays sent as ``insert_columns`` sends
     them: the batch paths look up thousands of keys, which ``any_of`` (a text array, quoted value
     by value in Python) would cost a microsecond or two each to send. Pending ORM changes are
-    flushed first, as a query through the session would."""
+    flushed first, as a query through the session would.
+
+    ``condition``: SQL written by the caller (never from input), as is, where a partial index's
+    predicate must be seen in the query's own text (a parameter would hide it from the planner)."""
     if session.autoflush:
         session.flush()
     conditions = {column: list(values)}
@@ -133,6 +137,8 @@ def select_where_any(session: Session, table: Table, columns: Sequence[str], col
         else:
             params[name] = value
             where.append(f"{name} = %({name})b::{_type(table, name)}")
+    if condition:
+        where.append(condition)
     sql = f"SELECT {', '.join(columns)} FROM {table.name} WHERE {' AND '.join(where)}"
     connection = session.connection().connection.driver_connection
     with connection.cursor() as cursor:  # type: ignore[union-attr]

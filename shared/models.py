@@ -305,9 +305,15 @@ class Allocation(Base):
     account: Mapped[Account] = relationship()
 
 
+# The charge policy admission control writes on a run it refused (``shared.rating.jobs``). The
+# charger asks for such runs every batch: they have an index of their own (migration 0017).
+REFUSED_RUN = "refused by admission control: never ran"
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
+        Index("ix_jobs_refused_runs", "system_id", "job_id", postgresql_where=text(f"charge_policy = '{REFUSED_RUN}'")),
         # Schedulers reuse job ids (a Slurm restart resets the counter): the submit time and the
         # array/het indices tell two jobs with one id apart.
         Index(

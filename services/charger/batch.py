@@ -128,7 +128,8 @@ def _gpus_at_start(session: Session, directory: Directory,
     found: dict[tuple[Any, ...], int] = {}
     for system_id, job_id, task, submit, start, gpus in session.execute(
             select(Job.system_id, Job.job_id, Job.array_task_id, Job.submit_time, Job.start_time, Job.gpus)
-            .where(bulk.any_of(Job.job_id, {k[1] for k in keys}), Job.gpus > 0)):
+            .where(bulk.any_of(Job.system_id, {k[0] for k in keys}), bulk.any_of(Job.job_id, {k[1] for k in keys}),
+                   Job.gpus > 0)):
         for key in ((system_id, job_id, task, "submit", submit), (system_id, job_id, task, "start", start)):
             if key in keys:
                 found[key] = gpus
