@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ARRAY, JSON, Integer, Numeric, String, Table, any_, bindparam
+from sqlalchemy import ARRAY, JSON, Integer, Numeric, String, Table, Text, any_, bindparam, cast
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -44,18 +44,25 @@ def _array(table: Table, column: str, values: list[Any]) -> tuple[str, Any]:
     documents given as dicts go as one JSON array of them.
     """
     sql_type, cast = table.c[column].type, _type(table, column)
-    kinds = set(map(type, values))
-    if isinstance(sql_type, Integer) and kinds <= _INTEGERS or isinstance(sql_type, String | JSON) and kinds <= _TEXTS:
-        text = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
-        if not _JSON_CONTROL_ESCAPE.search(text):
-            return f"%({column})s::{cast}[]", "{" + text[1:-1] + "}"
-    elif isinstance(sql_type, Numeric) and kinds <= _NUMBERS:
-        return f"%({column})s::{cast}[]", "{" + ",".join(map(str, values)) + "}"
-    elif isinstance(sql_type, JSON) and kinds == {dict}:
+    literal = _literal(sql_type, values)
+    if literal is not None:
+        return f"%({column})s::{cast}[]", literal
+    if isinstance(sql_type, JSON) and set(map(type, values)) == {dict}:
         # documents: one JSON text of them all, not one each then quoted again in a literal
         return (f"ARRAY(SELECT d FROM jsonb_array_elements(%({column})s::jsonb) WITH ORDINALITY AS e(d, i) "
                 f"ORDER BY i)::{cast}[]", json.dumps(values, separators=(",", ":")))
     return f"%({column})b::{cast}[]", values
+
+
+def _literal(sql_type: Any, values: list[Any]) -> str | None:
+    """``values`` as an array literal of ``sql_type``, where they have one (see ``_array``)."""
+    kinds = set(map(type, values))
+    if isinstance(sql_type, Integer) and kinds <= _INTEGERS or isinstance(sql_type, String | JSON) and kinds <= _TEXTS:
+        text = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+        return None if _JSON_CONTROL_ESCAPE.search(text) else "{" + text[1:-1] + "}"
+    if isinstance(sql_type, Numeric) and kinds <= _NUMBERS:
+        return "{" + ",".join(map(str, values)) + "}"
+    return None
 
 
 def insert_rows(
@@ -147,5 +154,10 @@ def select_where_any(session: Session, table: Table, columns: Sequence[str], col
 
 
 def any_of(column: Any, values: Iterable[Any]) -> Any:
-    """``column = ANY(:array)``: one parameter however many values, unlike ``IN (...)``."""
-    return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    """``column = ANY(:array)``: one parameter however many values, unlike ``IN (...)``; sent
+    as an array literal where the values have one, as ``insert_columns`` sends arrays."""
+    values = list(values)
+    literal = _literal(column.type, values)
+    if literal is not None:
+        return column == any_(cast(bindparam(None, literal, type_=Text), ARRAY(column.type)))
+    return column == any_(bindparam(None, values, type_=ARRAY(column.type)))

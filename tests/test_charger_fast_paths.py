@@ -151,6 +151,12 @@ def test_bulk_arrays_write_and_find_every_value_as_given(db_connection: Connecti
         assert sorted(r[0] for r in found) == sorted(present)
         assert len(bulk.select_where_any(s, table, ("n",), "n", [n for n in columns["n"] if n is not None])) == \
             sum(n is not None for n in columns["n"])
+        # any_of, through SQLAlchemy, sends the same literals
+        from sqlalchemy import select
+
+        assert sorted(s.scalars(select(table.c.s).where(bulk.any_of(table.c.s, present + ["absent"])))) == sorted(present)
+        assert sorted(s.scalars(select(table.c.n).where(bulk.any_of(table.c.n, columns["n"])))) == \
+            sorted(n for n in columns["n"] if n is not None)
 
 
 @pytest.mark.parametrize("rows", [1, 14, 3])
