@@ -66,6 +66,10 @@ def configure(app: Celery, settings: Settings) -> None:
             # Sweep for messages of dead workers often enough to matter with short timeouts.
             "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 10)),
             "unacked_restore_throttle": 1,
+            # Our messages are JSON text already: base64 on top made them a third bigger, and
+            # cost the relay, Redis and the worker's main process (which decodes each twice)
+            # 5-6 µs of CPU an event together. Messages already queued say their encoding.
+            "body_encoding": None,
         }
     app.conf.update(
         broker_url=url,
