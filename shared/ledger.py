@@ -64,7 +64,8 @@ def _plain(value: Any) -> str:
     if isinstance(value, Decimal):
         return format(value.normalize(), "f")
     if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).isoformat()
+        # a time in UTC already (the charger's every one) is written as it is: the same text
+        return (value if value.tzinfo is dt.UTC else value.astimezone(dt.UTC)).isoformat()
     return repr(value)
 
 
@@ -255,7 +256,7 @@ def charge_request_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ChargeRequest:
     """One charge for ``charge_many``: quantities already validated, the time already known."""
 

@@ -333,3 +333,21 @@ def test_the_chargers_request_hash_is_the_ledgers(args: tuple) -> None:  # type:
 
     names = ("account", "service", "quantity", "multiplier", "user", "job", "effective_at")
     assert charge_request_hash(*args) == _request_hash("charge", dict(zip(names, args, strict=True)))
+
+
+@pytest.mark.parametrize(("args", "digest"), [
+    ((1, 2, Decimal("1.500000"), Decimal("1.00"), 3, 4, dt.datetime(2026, 12, 6, 23, 38, 7, tzinfo=dt.UTC)),
+     "6163c9345358d0f9a777eb856a1b35db6e096defa23d3b3b9804b2095e5d0f82"),
+    ((1, 2, Decimal("0.000001"), Decimal("2.5"), None, None,
+      dt.datetime(2026, 12, 7, 1, 38, 7, 250000, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
+     "eeeed93a455ad4875e9cf0d27bf7898b3dd19586ec05bc77e197bfcbe0f53ead"),
+])
+def test_a_request_hash_never_changes_from_one_version_to_the_next(args: tuple, digest: str) -> None:  # type: ignore[type-arg]
+    """The ledger keeps each request's fingerprint: a replay after an upgrade is compared with what
+    an older OpenAcct wrote. These digests were written by the code of 2026-12-06 (21ea708), so a
+    faster way of computing them must give the very same bytes."""
+    from shared.ledger import _request_hash, charge_request_hash
+
+    assert charge_request_hash(*args) == digest
+    assert _request_hash("refund", {"charge": 7, "amount": Decimal("10.50"), "at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC)}) \
+        == "6c408ccdd206250a1284a5fbd8816cd63082190fe388960ca97a76b44c77965e"
