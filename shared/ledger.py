@@ -401,23 +401,16 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
             continue
         priced.append((r, *found))
 
-    for key, txn_id, digest in bulk.select_where_any(
-        session, LedgerTransaction.__table__, ("idempotency_key", "id", "request_hash"), "idempotency_key",
-        [r.key for r, _, _ in priced],
-    ):
-        if digest == by_key[key].request_hash:
-            result.transactions[key] = txn_id
-        else:
-            result.refused[key] = _conflict_message(key, txn_id)
-    todo = [(r, rate, amount) for r, rate, amount in priced if r.key not in result.transactions and r.key not in result.refused]
-    if not todo:
+    if not priced:
         _lock_accounts(session, *holding)
         return result
 
     # The transactions go in before the accounts are locked: their unique keys settle any race
-    # on a key, and other writers on these accounts wait only while the money is drawn.
+    # on a key, and other writers on these accounts wait only while the money is drawn. A key
+    # written before (a replay, or a writer that committed first) is not written again, and is
+    # looked up after: one lookup for the few, not one for the whole batch beforehand.
     # one order of key locks for every writer: two batches never deadlock on keys
-    in_order = sorted(todo, key=lambda t: t[0].key)
+    in_order = sorted(priced, key=lambda t: t[0].key)
     multipliers: dict[int, str] = {}  # money_str of each multiplier object (all alive meanwhile)
     details = []
     for r, _, _ in in_order:
@@ -440,8 +433,8 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
     )
     written = dict(inserted)
     result.transactions.update(written)
-    lost = [r for r, _, _ in todo if r.key not in written]
-    if lost:  # a writer on another account committed the same key first: replay or refuse
+    lost = [r for r, _, _ in priced if r.key not in written]
+    if lost:  # written before: the same request is replayed, another refused
         for key, txn_id, digest in session.execute(
             select(LedgerTransaction.idempotency_key, LedgerTransaction.id, LedgerTransaction.request_hash)
             .where(bulk.any_of(LedgerTransaction.idempotency_key, [r.key for r in lost]))
@@ -450,12 +443,12 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
                 result.transactions[key] = txn_id
             else:
                 result.refused[key] = _conflict_message(key, txn_id)
-    account_ids = sorted({r.account_id for r, _, _ in todo if r.key in written})
+    account_ids = sorted({r.account_id for r, _, _ in priced if r.key in written})
     _lock_accounts(session, *account_ids, *holding)
     buckets = _buckets(session, account_ids)
     entries: dict[str, list[Any]] = {"transaction_id": [], "account_id": [], "allocation_id": [], "bucket": [],
                                      "amount": [], "effective_at": []}
-    for r, _, amount in todo:
+    for r, _, amount in priced:
         if r.key not in written:
             continue  # sorted above: replayed or refused
         for allocation, part in _draw(buckets.get(r.account_id, ()), amount, r.effective_at):
