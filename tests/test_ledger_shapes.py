@@ -24,6 +24,7 @@ from shared.models import BUCKETS, TRANSACTION_KINDS
 
 D = Decimal
 SHAPE_REFUSED = "ledger refused: transaction #"
+BALANCE_REFUSED = "ledger refused: the "  # the balance rules' (migration 0009)
 # what each kind moves: its bucket and the sign of its entries' sum against its amount
 MOVES = {"deposit": ({"allocated"}, 1), "charge": ({"charged"}, 1), "refund": ({"refunded"}, 1),
          "hold": ({"held"}, 1), "release": ({"held"}, -1)}
@@ -32,7 +33,8 @@ MOVES = {"deposit": ({"allocated"}, 1), "charge": ({"charged"}, 1), "refund": ({
 def expected_problem(kind: str, amount: Decimal, account: int, counterparty: int | None,
                      entries: list[tuple[int, str, Decimal]]) -> str | None:
     """What is wrong with a transaction of these entries, as the rule says (None: nothing)."""
-    if any(a not in (account, counterparty) for a, _, _ in entries):
+    own = (account, counterparty) if kind == "transfer" else (account,)  # only a transfer has a counterparty
+    if any(a not in own for a, _, _ in entries):
         return "an entry is on another account than the transaction's"
     wrong = "its entries do not add up to its amount in the bucket its kind moves"
     buckets = {b for _, b, _ in entries}
@@ -73,6 +75,22 @@ def accounts(quickstart: None) -> tuple[int, int, int]:
     return get_account("phys").id, get_account("chem").id, get_account("phys-spare").id
 
 
+def test_a_transaction_takes_entries_only_when_it_is_written(db_connection: Connection, accounts: tuple[int, int, int]) -> None:
+    """A charge of nothing has no entries; entries added to it later, summing to nothing, would
+    move money between the account's allocations (migration 0018)."""
+    account = accounts[0]
+    txn = db_connection.execute(text(
+        "INSERT INTO ledger_transactions (kind, idempotency_key, request_hash, amount, account_id, effective_at, "
+        "created_at) VALUES ('charge', 'empty', '', 0, :a, now(), now() - interval '1 day') RETURNING id"),
+        {"a": account}).scalar_one()
+    savepoint = db_connection.begin_nested()
+    with pytest.raises(DBAPIError, match=f"ledger refused: transaction #{txn}: entries were added to it after it was written"):
+        db_connection.execute(text(
+            "INSERT INTO ledger_entries (transaction_id, account_id, allocation_id, bucket, amount, effective_at) "
+            "VALUES (:t, :a, NULL, 'charged', 1, now()), (:t, :a, NULL, 'charged', -1, now())"), {"t": txn, "a": account})
+    savepoint.rollback()
+
+
 def _write(db: Connection, kind: str, amount: Decimal, account: int, counterparty: int | None,
            entries: list[tuple[int, str, Decimal]]) -> int:
     txn = db.execute(text(
@@ -100,8 +118,8 @@ def test_the_database_refuses_exactly_the_shapes_the_rule_refuses(db_connection:
         refused = str(exc.orig)
     savepoint.rollback()
     if expected is None:
-        # the shape is right (the balance rules may still refuse money that is not there)
-        assert SHAPE_REFUSED not in refused, (kind, amount, counterparty, entries)
+        # the shape is right: taken, or refused by the balance rules for money that is not there
+        assert refused == "" or BALANCE_REFUSED in refused, (kind, amount, counterparty, entries, refused)
     else:
         assert SHAPE_REFUSED in refused and expected in refused, (kind, amount, counterparty, entries, refused)
 

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, inspect
 from shared.migrate import alembic_config, upgrade
 from shared.models import Base
 
-HEAD = "0017"
+HEAD = "0018"
 
 
 def test_migrated_database_matches_the_models(engine: Engine) -> None:
