@@ -43,15 +43,15 @@ def _array(table: Table, column: str, values: list[Any]) -> tuple[str, Any]:
     (control characters) mean something else there, so a list holding one goes binary. JSON
     documents given as dicts go as one JSON array of them.
     """
-    sql_type, cast = table.c[column].type, _type(table, column)
+    sql_type, type_name = table.c[column].type, _type(table, column)
     literal = _literal(sql_type, values)
     if literal is not None:
-        return f"%({column})s::{cast}[]", literal
+        return f"%({column})s::{type_name}[]", literal
     if isinstance(sql_type, JSON) and set(map(type, values)) == {dict}:
         # documents: one JSON text of them all, not one each then quoted again in a literal
         return (f"ARRAY(SELECT d FROM jsonb_array_elements(%({column})s::jsonb) WITH ORDINALITY AS e(d, i) "
-                f"ORDER BY i)::{cast}[]", json.dumps(values, separators=(",", ":")))
-    return f"%({column})b::{cast}[]", values
+                f"ORDER BY i)::{type_name}[]", json.dumps(values, separators=(",", ":")))
+    return f"%({column})b::{type_name}[]", values
 
 
 def _literal(sql_type: Any, values: list[Any]) -> str | None:
@@ -125,9 +125,9 @@ def select_where_any(session: Session, table: Table, columns: Sequence[str], col
                      condition: str = "") -> list[tuple[Any, ...]]:
     """``SELECT columns FROM table WHERE column = ANY(values)`` (and, for each of ``also``,
     ``name = value``, or ``= ANY`` of a list or set), the arrays sent as ``insert_columns`` sends
-    them: the batch paths look up thousands of keys, which ``any_of`` (a text array, quoted value
-    by value in Python) would cost a microsecond or two each to send. Pending ORM changes are
-    flushed first, as a query through the session would.
+    them: the batch paths look up thousands of keys, without a statement of SQLAlchemy's to build
+    and compile each time. Pending ORM changes are flushed first, as a query through the session
+    would.
 
     ``condition``: SQL written by the caller (never from input), as is, where a partial index's
     predicate must be seen in the query's own text (a parameter would hide it from the planner)."""

@@ -408,7 +408,8 @@ def charge_many(session: Session, requests: Sequence[ChargeRequest], *, settles:
     # The transactions go in before the accounts are locked: their unique keys settle any race
     # on a key, and other writers on these accounts wait only while the money is drawn. A key
     # written before (a replay, or a writer that committed first) is not written again, and is
-    # looked up after: one lookup for the few, not one for the whole batch beforehand.
+    # looked up after, with the others the insert did not write: the charger's inbox keeps
+    # replays out of its batches, so that lookup is rare, where one of every key was not.
     # one order of key locks for every writer: two batches never deadlock on keys
     in_order = sorted(priced, key=lambda t: t[0].key)
     multipliers: dict[int, str] = {}  # money_str of each multiplier object (all alive meanwhile)
