@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from alembic import command
 from alembic.config import Config
@@ -13,6 +15,17 @@ from shared import roles
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Any constant works; it keeps two processes from migrating one database at once.
 MIGRATION_LOCK = 0x0A11_0CA7
+
+
+def earlier_revision(filename: str) -> ModuleType:
+    """An earlier revision's module, for the SQL it wrote: a later revision that changes or
+    restores that text takes it from there instead of copying it (revisions are never edited)."""
+    path = MIGRATIONS / "versions" / filename
+    spec = importlib.util.spec_from_file_location(f"openacct_revision_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -28,6 +28,8 @@ trigger and ``openacct ledger verify`` read), and one scan that grew with the jo
 
 from alembic import op
 
+from shared.migrate import earlier_revision
+
 revision = '0017'
 down_revision = '0016'
 branch_labels = None
@@ -76,35 +78,9 @@ SELECT e.transaction_id, NULL, {NO_TRANSACTION}
  WHERE NOT EXISTS (SELECT FROM public.ledger_transactions t WHERE t.id = e.transaction_id)
 """
 
-# 0011's view, kept for the downgrade.
-OLD_MISSHAPEN = """
-CREATE OR REPLACE VIEW ledger_misshapen AS
-SELECT t.id AS transaction_id, t.kind,
-       CASE WHEN NOT s.own THEN 'an entry is on another account than the transaction''s'
-            ELSE 'its entries do not add up to its amount in the bucket its kind moves' END AS problem
-  FROM public.ledger_transactions t
-  CROSS JOIN LATERAL (
-      SELECT count(*) AS entries,
-             bool_and(e.account_id IN (t.account_id, t.counterparty_account_id)) AS own,
-             count(DISTINCT e.bucket) AS buckets, min(e.bucket) AS bucket, sum(e.amount) AS total,
-             sum(e.amount) FILTER (WHERE e.account_id = t.account_id) AS from_account,
-             sum(e.amount) FILTER (WHERE e.account_id = t.counterparty_account_id) AS to_counterparty
-        FROM public.ledger_entries e WHERE e.transaction_id = t.id) s
- WHERE s.entries > 0 AND NOT (s.own AND s.buckets = 1 AND CASE t.kind
-           WHEN 'deposit' THEN s.bucket = 'allocated' AND s.total = t.amount
-           WHEN 'charge' THEN s.bucket = 'charged' AND s.total = t.amount
-           WHEN 'refund' THEN s.bucket = 'refunded' AND s.total = t.amount
-           WHEN 'hold' THEN s.bucket = 'held' AND s.total = t.amount
-           WHEN 'release' THEN s.bucket = 'held' AND s.total = -t.amount
-           WHEN 'adjustment' THEN s.bucket IN ('allocated', 'charged') AND abs(s.total) = t.amount
-           WHEN 'transfer' THEN s.bucket = 'allocated' AND t.counterparty_account_id <> t.account_id
-                                AND s.from_account = -t.amount AND s.to_counterparty = t.amount
-           ELSE false END)
-UNION ALL
-SELECT e.transaction_id, NULL, 'an entry of a transaction that does not exist'
-  FROM public.ledger_entries e
- WHERE NOT EXISTS (SELECT FROM public.ledger_transactions t WHERE t.id = e.transaction_id)
-"""
+# 0011's view, for the downgrade
+OLD_MISSHAPEN = earlier_revision("0011_balances_by_the_database.py").MISSHAPEN.replace(
+    "CREATE VIEW", "CREATE OR REPLACE VIEW", 1)
 
 
 # Every entry of the touched transactions is in `added` (the counts are equal), so their shape
@@ -149,31 +125,7 @@ END $$
 """
 
 # migration 0016's, for the downgrade
-OLD_WHOLE = f"""
-CREATE OR REPLACE FUNCTION openacct_entries_whole() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER {SAFE_PATH} AS $$
-DECLARE
-    bad record;
-    touched bigint[];
-BEGIN
-    {ONLY_ON}
-    SELECT array_agg(DISTINCT transaction_id) INTO touched FROM added;
-    IF (SELECT count(*) FROM public.ledger_entries WHERE transaction_id = ANY(touched))
-       <> (SELECT count(*) FROM added) THEN
-        SELECT n.transaction_id, 'entries were added to it after it was written' AS problem INTO bad
-      FROM (SELECT transaction_id, count(*) AS written FROM added GROUP BY transaction_id) n
-     WHERE n.written <> (SELECT count(*) FROM public.ledger_entries e WHERE e.transaction_id = n.transaction_id)
-     LIMIT 1;
-    ELSE
-        SELECT m.transaction_id, m.problem INTO bad FROM public.ledger_misshapen m
-         WHERE m.transaction_id = ANY(touched) LIMIT 1;
-    END IF;
-    IF FOUND THEN
-        RAISE EXCEPTION 'ledger refused: transaction #%: %', bad.transaction_id, bad.problem
-            USING ERRCODE = 'check_violation';
-    END IF;
-    RETURN NULL;
-END $$
-"""
+OLD_WHOLE = earlier_revision("0016_fewer_checks_per_row.py").WHOLE
 
 REFUSED_INDEX = "ix_jobs_refused_runs"
 # shared.rating.jobs.REFUSED, as it is written on the runs admission control refused

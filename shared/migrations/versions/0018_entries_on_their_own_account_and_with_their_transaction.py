@@ -22,11 +22,9 @@ The view keeps 0017's text but for the one clause of ``own``; the trigger's quer
 with the new clause and the time check.
 """
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 from alembic import op
+
+from shared.migrate import earlier_revision
 
 revision = '0018'
 down_revision = '0017'
@@ -34,17 +32,7 @@ branch_labels = None
 depends_on = None
 
 
-def _revision(name: str) -> ModuleType:
-    """An earlier revision's module, for the texts it wrote (revisions are never edited)."""
-    path = Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(f"openacct_revision_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-R0017 = _revision("0017_shapes_checked_whole_and_null_safe.py")
+R0017 = earlier_revision("0017_shapes_checked_whole_and_null_safe.py")
 OWN_0017 = "bool_and(coalesce(e.account_id = t.account_id OR e.account_id = t.counterparty_account_id, false)) AS own"
 OWN = ("bool_and(coalesce(e.account_id = t.account_id\n"
        "                             OR (t.kind = 'transfer' AND e.account_id = t.counterparty_account_id), false)) AS own")
