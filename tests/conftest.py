@@ -182,6 +182,19 @@ def db_connection(engine: Engine) -> Iterator[Connection]:
 
 
 @pytest.fixture
+def query_plans(db_connection: Connection) -> list[str]:
+    """The plan of every statement the test's transaction runs from now on, nested ones (a
+    trigger's) included, as PostgreSQL's auto_explain gives them: for tests of how a query is
+    planned, which its results cannot show."""
+    plans: list[str] = []
+    db_connection.connection.driver_connection.add_notice_handler(lambda n: plans.append(n.message_primary or ""))
+    for setting in ("LOAD 'auto_explain'", "SET LOCAL auto_explain.log_min_duration = 0",
+                    "SET LOCAL auto_explain.log_nested_statements = on", "SET LOCAL auto_explain.log_level = 'notice'"):
+        db_connection.execute(text(setting))
+    return plans
+
+
+@pytest.fixture
 def committed(engine: Engine) -> Iterator[Engine]:
     """For tests whose writes other processes must see: commits for real, then empties the
     database. The ledger refuses TRUNCATE even from its owner (migration 0011); the tests run as

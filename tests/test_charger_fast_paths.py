@@ -205,7 +205,7 @@ def test_every_time_of_every_event_is_checked_however_it_is_typed() -> None:
 
 
 @pytest.mark.usefixtures("quickstart")
-def test_each_batch_reads_the_refused_runs_by_their_own_index(db_connection: Connection) -> None:
+def test_each_batch_reads_the_refused_runs_by_their_own_index(db_connection: Connection, query_plans: list[str]) -> None:
     """The charger asks every batch which of its jobs admission control refused. Without an index
     of their own, PostgreSQL read every job of the system to answer (migration 0017)."""
     from shared.models import REFUSED_RUN
@@ -217,16 +217,9 @@ def test_each_batch_reads_the_refused_runs_by_their_own_index(db_connection: Con
         "CASE WHEN g % 1000 = 0 THEN :refused ELSE 'charged for elapsed time' END "
         "FROM systems s, generate_series(1, 20000) g"), {"refused": REFUSED_RUN})
     db_connection.execute(text("ANALYZE jobs"))
-    plans: list[str] = []
-    raw_connection = db_connection.connection.driver_connection
-    raw_connection.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
-    for setting in ("LOAD 'auto_explain'", "SET LOCAL auto_explain.log_min_duration = 0",
-                    "SET LOCAL auto_explain.log_level = 'notice'"):
-        db_connection.execute(text(setting))
     events = [parse_event(raw(job_completed(n))) for n in range(1500, 3500)]  # a batch's worth
     with session_scope() as s:
         found = refused_runs(s, Directory.load(s, events), events)
-    db_connection.execute(text("SET LOCAL auto_explain.log_min_duration = -1"))
     assert sorted(key[1] for key in found) == ["2000", "3000"]
-    plan = next(p for p in plans if "charge_policy" in p and "FROM jobs" in p)
+    plan = next(p for p in query_plans if "charge_policy" in p and "FROM jobs" in p)
     assert "ix_jobs_refused_runs" in plan, plan
