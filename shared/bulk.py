@@ -30,7 +30,13 @@ _NUMBERS = {Decimal, int}
 
 
 def _type(table: Table, column: str) -> str:
-    return table.c[column].type.compile(dialect=_dialect)
+    """The column's type for a cast, without its collation: ``varchar COLLATE "C"[]`` is no
+    type, and a value compared with the column takes the column's collation anyway."""
+    sql_type = table.c[column].type
+    if getattr(sql_type, "collation", None):
+        sql_type = sql_type.copy()
+        sql_type.collation = None
+    return sql_type.compile(dialect=_dialect)
 
 
 def _array(table: Table, column: str, values: list[Any]) -> tuple[str, Any]:

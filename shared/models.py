@@ -332,7 +332,7 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     system_id: Mapped[int] = mapped_column(Integer)
-    job_id: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64, collation="C"))  # byte order: migration 0019
     array_job_id: Mapped[str | None] = mapped_column(String(64))
     array_task_id: Mapped[int | None] = mapped_column(Integer)
     het_offset: Mapped[int | None] = mapped_column(Integer)
@@ -372,7 +372,7 @@ class LedgerTransaction(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
-    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200, collation="C"), unique=True)  # byte order: 0019
     request_hash: Mapped[str] = mapped_column(String(64))
     # Size of the transaction, always >= 0; its direction comes from the kind (and the entries).
     amount: Mapped[Decimal] = mapped_column(Money)
@@ -476,7 +476,7 @@ class ProcessedEvent(Base):
 
     __tablename__ = "processed_events"
 
-    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(200, collation="C"), primary_key=True)  # byte order: 0019
     kind: Mapped[str] = mapped_column(String(64))
     processed_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
 

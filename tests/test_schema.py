@@ -10,7 +10,7 @@ from sqlalchemy import Engine, inspect
 from shared.migrate import alembic_config, upgrade
 from shared.models import Base
 
-HEAD = "0018"
+HEAD = "0019"
 
 
 def test_migrated_database_matches_the_models(engine: Engine) -> None:
@@ -83,3 +83,23 @@ def test_rows_the_ledger_refers_to_are_never_deleted(db_connection, quickstart, 
 
     with pytest.raises(IntegrityError, match=f"rows of {table} are never deleted"):
         db_connection.execute(text(f"DELETE FROM {table}"))
+
+
+def test_the_keys_every_event_inserts_compare_as_bytes(engine: Engine) -> None:
+    """The charger inserts an inbox id, a transaction key and a job id per event into unique
+    indexes: their comparisons are a memcmp, not the locale's (migration 0019). Every text column
+    of a unique index on those tables is held to it, so a key added later is too."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        keyed = conn.execute(text("""
+            SELECT c.relname, a.attname, coalesce(co.collname, 'default')
+            FROM pg_index i
+            JOIN pg_class c ON c.oid = i.indrelid
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+            LEFT JOIN pg_collation co ON co.oid = a.attcollation AND a.attcollation <> 100
+            WHERE i.indisunique AND c.relname IN ('processed_events', 'ledger_transactions', 'jobs')
+              AND a.atttypid IN ('text'::regtype, 'varchar'::regtype)
+        """)).all()
+    assert sorted(keyed) == [("jobs", "job_id", "C"), ("ledger_transactions", "idempotency_key", "C"),
+                             ("processed_events", "event_id", "C")]
