@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
 
 from shared.migrate import alembic_config, upgrade
 from shared.models import Base
@@ -48,7 +48,6 @@ def test_downgrade_then_upgrade_ends_identical(engine: Engine, scratch_engine: E
 def test_references_of_the_hot_tables_are_checked_per_statement(db_connection, quickstart) -> None:  # type: ignore[no-untyped-def]
     """jobs, ledger_transactions and ledger_entries have no row-level foreign keys: a trigger
     checks each statement's rows, and refuses one that points nowhere, naming it."""
-    from sqlalchemy import text
     from sqlalchemy.exc import IntegrityError
 
     account = db_connection.execute(text("SELECT id FROM accounts ORDER BY id LIMIT 1")).scalar_one()
@@ -78,7 +77,6 @@ def test_references_of_the_hot_tables_are_checked_per_statement(db_connection, q
 
 @pytest.mark.parametrize("table", ["systems", "users", "accounts", "services", "allocations", "jobs"])
 def test_rows_the_ledger_refers_to_are_never_deleted(db_connection, quickstart, table: str) -> None:  # type: ignore[no-untyped-def]
-    from sqlalchemy import text
     from sqlalchemy.exc import IntegrityError
 
     with pytest.raises(IntegrityError, match=f"rows of {table} are never deleted"):
@@ -89,8 +87,6 @@ def test_the_keys_every_event_inserts_compare_as_bytes(engine: Engine) -> None:
     """The charger inserts an inbox id, a transaction key and a job id per event into unique
     indexes: their comparisons are a memcmp, not the locale's (migration 0019). Every text column
     of a unique index on those tables is held to it, so a key added later is too."""
-    from sqlalchemy import text
-
     with engine.connect() as conn:
         keyed = conn.execute(text("""
             SELECT c.relname, a.attname, coalesce(co.collname, 'default')
