@@ -70,27 +70,31 @@ def generate(url: str, projects: int, charges: int) -> None:
                      "FROM generate_series(1, %s::int) g", (projects,))
         conn.execute("INSERT INTO allocations (account_id, amount, starts_at, ends_at) "
                      "SELECT g, 1000000, '2026-01-01Z', '2027-01-01Z' FROM generate_series(1, %s::int) g", (projects,))
-        conn.execute("INSERT INTO ledger_transactions (kind, idempotency_key, request_hash, amount, account_id, "
-                     "effective_at, details) SELECT 'deposit', 'deposit/' || g, '', 1000000, g, '2026-01-01Z', "
-                     "jsonb_build_object('allocation_id', g) FROM generate_series(1, %s::int) g", (projects,))
-        conn.execute("INSERT INTO ledger_entries (transaction_id, account_id, allocation_id, bucket, amount, "
-                     "effective_at) SELECT id, account_id, account_id, 'allocated', amount, effective_at "
-                     "FROM ledger_transactions WHERE kind = 'deposit'")
+        # A transaction's entries are written in the database transaction that wrote it, as the
+        # ledger writes them: the database refuses entries added later (migration 0018).
+        with conn.transaction():
+            conn.execute("INSERT INTO ledger_transactions (kind, idempotency_key, request_hash, amount, account_id, "
+                         "effective_at, details) SELECT 'deposit', 'deposit/' || g, '', 1000000, g, '2026-01-01Z', "
+                         "jsonb_build_object('allocation_id', g) FROM generate_series(1, %s::int) g", (projects,))
+            conn.execute("INSERT INTO ledger_entries (transaction_id, account_id, allocation_id, bucket, amount, "
+                         "effective_at) SELECT id, account_id, account_id, 'allocated', amount, effective_at "
+                         "FROM ledger_transactions WHERE kind = 'deposit'")
         seconds = 300 * 86400  # January to the end of October
         for first in range(1, charges + 1, CHUNK):
             last = min(charges, first + CHUNK - 1)
-            conn.execute(
-                "INSERT INTO ledger_transactions (kind, idempotency_key, request_hash, amount, account_id, "
-                "service_id, quantity, rate, effective_at, details, actor) "
-                "SELECT 'charge', 'bench/' || g, '', (1 + g %% 97) * 0.05, 1 + g %% %s, 1, 1 + g %% 97, 0.05, "
-                "'2026-01-01Z'::timestamptz + (g::bigint * %s / %s) * interval '1 second', '{}', 'bench' "
-                "FROM generate_series(%s::bigint, %s::bigint) g",
-                (projects, seconds, charges, first, last),
-            )
-            conn.execute(
-                "INSERT INTO ledger_entries (transaction_id, account_id, allocation_id, bucket, amount, effective_at) "
-                "SELECT id, account_id, account_id, 'charged', amount, effective_at FROM ledger_transactions "
-                "WHERE kind = 'charge' AND id > (SELECT coalesce(max(transaction_id), 0) FROM ledger_entries)")
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO ledger_transactions (kind, idempotency_key, request_hash, amount, account_id, "
+                    "service_id, quantity, rate, effective_at, details, actor) "
+                    "SELECT 'charge', 'bench/' || g, '', (1 + g %% 97) * 0.05, 1 + g %% %s, 1, 1 + g %% 97, 0.05, "
+                    "'2026-01-01Z'::timestamptz + (g::bigint * %s / %s) * interval '1 second', '{}', 'bench' "
+                    "FROM generate_series(%s::bigint, %s::bigint) g",
+                    (projects, seconds, charges, first, last),
+                )
+                conn.execute(
+                    "INSERT INTO ledger_entries (transaction_id, account_id, allocation_id, bucket, amount, effective_at) "
+                    "SELECT id, account_id, account_id, 'charged', amount, effective_at FROM ledger_transactions "
+                    "WHERE kind = 'charge' AND id > (SELECT coalesce(max(transaction_id), 0) FROM ledger_entries)")
             print(f"  {last} of {charges} charges written ({time.monotonic() - started:.0f} s)", flush=True)
         conn.execute("ANALYZE")
         rows = conn.execute("SELECT (SELECT count(*) FROM ledger_transactions) + "
